@@ -1,0 +1,86 @@
+"""``hematovision data inspect``: what is in a dataset folder, before training on it."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from hematovision.data.folder import scan_image_folder
+from hematovision.data.images import ImageLoadError, load_rgb
+from hematovision.data.splits import file_digests
+
+
+def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
+    """Counts per class and split, image sizes and modes, exact duplicates and unreadable files.
+
+    Args:
+        root: a class-folder dataset.
+        decode: fully decode every image to find truncated files (slower); otherwise read headers only.
+    """
+    from tqdm.auto import tqdm
+
+    folder = scan_image_folder(root)
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for (split, label), n in sorted(folder.counts().items(), key=lambda item: (str(item[0][0]), item[0][1])):
+        counts[split or "all"][label] = n
+    sizes: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    unreadable = []
+    for sample in tqdm(folder.samples, desc="checking images", unit="img"):
+        try:
+            with Image.open(sample.path) as image:
+                sizes[f"{image.width}x{image.height}"] += 1
+                modes[image.mode] += 1
+            if decode:
+                load_rgb(sample.path)
+        except (OSError, ImageLoadError) as error:
+            unreadable.append({"file": str(sample.path), "reason": str(error)})
+    by_digest = defaultdict(list)
+    for sample, digest in zip(folder.samples, file_digests(folder.samples)):
+        by_digest[digest].append(sample)
+    duplicates = [[f"{s.split + '/' if s.split else ''}{s.label}/{s.path.name}" for s in group]
+                  for group in by_digest.values() if len(group) > 1]
+    cross = [group for group in duplicates if len({entry.rsplit("/", 1)[0] for entry in group}) > 1]
+    return {
+        "root": str(folder.root),
+        "n_images": len(folder.samples),
+        "classes": folder.class_names,
+        "splits": folder.split_names or None,
+        "counts": dict(counts),
+        "image_sizes": dict(sizes.most_common(10)),
+        "distinct_sizes": len(sizes),
+        "modes": dict(modes),
+        "duplicate_groups": duplicates,
+        "duplicates_across_classes_or_splits": cross,
+        "unreadable": unreadable,
+        "ignored_non_image_files": [str(p) for p in folder.ignored],
+    }
+
+
+def format_inspection(report: dict) -> str:
+    """A plain-text table of an :func:`inspect_dataset` report."""
+    classes = report["classes"]
+    parts = list(report["counts"])
+    width = max(12, *(len(c) for c in classes))
+    lines = [f"{report['root']}: {report['n_images']} images, {len(classes)} classes", ""]
+    lines.append(f"{'class':{width}} " + " ".join(f"{p:>11}" for p in parts) + f" {'total':>8}")
+    for name in classes:
+        row = [report["counts"][p].get(name, 0) for p in parts]
+        lines.append(f"{name:{width}} " + " ".join(f"{n:>11}" for n in row) + f" {sum(row):>8}")
+    totals = [sum(report["counts"][p].values()) for p in parts]
+    lines.append(f"{'total':{width}} " + " ".join(f"{n:>11}" for n in totals) + f" {sum(totals):>8}")
+    lines += ["", f"image sizes ({report['distinct_sizes']} distinct, most common): "
+              + ", ".join(f"{size} ×{n}" for size, n in report["image_sizes"].items()),
+              "modes: " + ", ".join(f"{mode} ×{n}" for mode, n in report["modes"].items()),
+              f"exact duplicates: {len(report['duplicate_groups'])} group(s), "
+              f"{len(report['duplicates_across_classes_or_splits'])} across classes/splits"]
+    for group in report["duplicates_across_classes_or_splits"][:10]:
+        lines.append("  " + " = ".join(group))
+    lines.append(f"unreadable files: {len(report['unreadable'])}")
+    for entry in report["unreadable"][:10]:
+        lines.append(f"  {entry['reason']}")
+    if report["ignored_non_image_files"]:
+        lines.append(f"non-image files ignored: {len(report['ignored_non_image_files'])}")
+    return "\n".join(lines)

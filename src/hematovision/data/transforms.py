@@ -1,0 +1,106 @@
+"""Image transforms: RGB uint8 (H, W, 3) in, normalised float32 (3, S, S) tensors out.
+
+Evaluation resizes the whole image to a square (single-cell crops are centred on the
+cell, so no centre crop is taken). Training adds the augmentations that suit stained
+cells: any dihedral symmetry (a cell has no "up"), small rescaled crops and mild colour
+jitter, which stands in for other labs' stains and scanners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into model inputs; saved in every model card.
+
+    Attributes:
+        image_size: side of the square model input, in pixels.
+        mean: per-channel mean subtracted from RGB in [0, 1].
+        std: per-channel std divided after subtracting the mean.
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to (size, size, 3) with bicubic, antialiased resampling."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.array(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def normalize(images: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """(N, H, W, 3) or (H, W, 3) uint8 → (N, 3, H, W) or (3, H, W) float32, normalised."""
+    tensor = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    tensor = tensor.movedim(-1, -3).float().div_(255.0)
+    mean = torch.tensor(prep.mean).view(3, 1, 1)
+    std = torch.tensor(prep.std).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def eval_transform(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    """The deterministic transform used for validation, test and prediction."""
+    return normalize(resize(image, prep.image_size), prep)
+
+
+def dihedral(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """One of the 8 flips/90° rotations of the last two dimensions (index 0 is the identity)."""
+    if index >= 4:
+        tensor = tensor.flip(-1)
+    return torch.rot90(tensor, index % 4, dims=(-2, -1))
+
+
+class TrainTransform:
+    """Random augmentation for training; randomness comes from the given generator.
+
+    Args:
+        prep: the model's preprocessing.
+        scale: range of the area fraction kept by the random crop.
+        color_jitter: strength of brightness/contrast/saturation changes (0 disables them);
+            hue moves by a tenth of it.
+    """
+
+    def __init__(self, prep: Preprocessing, scale: tuple[float, float] = (0.75, 1.0), color_jitter: float = 0.15) -> None:
+        self.prep = prep
+        self.scale = scale
+        self.color_jitter = color_jitter
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        height, width = image.shape[:2]
+        fraction = rng.uniform(*self.scale)
+        side_h, side_w = max(1, round(height * fraction**0.5)), max(1, round(width * fraction**0.5))
+        top = int(rng.integers(0, height - side_h + 1))
+        left = int(rng.integers(0, width - side_w + 1))
+        crop = resize(np.ascontiguousarray(image[top : top + side_h, left : left + side_w]), self.prep.image_size)
+        tensor = torch.as_tensor(crop).movedim(-1, 0).float().div_(255.0)
+        tensor = dihedral(tensor, int(rng.integers(0, 8)))
+        if self.color_jitter > 0:
+            tensor = _jitter_colors(tensor, rng, self.color_jitter)
+        mean = torch.tensor(self.prep.mean).view(3, 1, 1)
+        std = torch.tensor(self.prep.std).view(3, 1, 1)
+        return (tensor - mean) / std
+
+
+def _jitter_colors(tensor: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    tensor = F.adjust_brightness(tensor, 1 + rng.uniform(-strength, strength))
+    tensor = F.adjust_contrast(tensor, 1 + rng.uniform(-strength, strength))
+    tensor = F.adjust_saturation(tensor, 1 + rng.uniform(-strength, strength))
+    tensor = F.adjust_hue(tensor, rng.uniform(-strength / 10, strength / 10))
+    return tensor.clamp_(0.0, 1.0)

@@ -1,0 +1,143 @@
+"""Load a run folder once and classify images with calibrated probabilities."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hematovision._io import atomic_write, write_json
+from hematovision.data.images import ImageLoadError, is_image_file, load_rgb
+from hematovision.data.transforms import Preprocessing, normalize, resize
+from hematovision.evaluate.metrics import softmax
+from hematovision.train.checkpoint import MODEL_FILE, load_weights, read_card
+
+
+class Predictor:
+    """A trained model ready for inference.
+
+    Attributes:
+        card: the run's model card.
+        class_names: the K class names, in output order.
+        prep: preprocessing (size, mean, std).
+        model: the network; takes normalised (N, 3, S, S) float tensors, returns logits.
+        temperature: calibration temperature fitted on validation data.
+    """
+
+    def __init__(self, model: nn.Module, card: dict) -> None:
+        self.card = card
+        self.class_names: list[str] = list(card["class_names"])
+        self.prep = Preprocessing.from_dict(card["preprocessing"])
+        self.temperature = float(card.get("temperature", 1.0))
+        self.model = model.eval().to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> Predictor:
+        """Load ``model_card.json`` and ``model.safetensors`` from a run folder."""
+        from hematovision.train.pipeline import build_model_from_card
+
+        card = read_card(run_dir)
+        model = build_model_from_card(card)
+        load_weights(model, Path(run_dir) / MODEL_FILE)
+        return cls(model, card)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 images of any size → normalised (N, 3, S, S) tensor."""
+        batch = np.stack([resize(image, self.prep.image_size) for image in images])
+        return normalize(batch, self.prep).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Raw logits, (N, K)."""
+        outputs = [self.model(self.preprocess(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Calibrated class probabilities, (N, K)."""
+        return softmax(self.logits(images, batch_size), self.temperature)
+
+
+@dataclass
+class PredictionRow:
+    """One file's prediction, or the reason it could not be read."""
+
+    file: str
+    probabilities: np.ndarray | None = None
+    error: str | None = None
+
+
+def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (recursively, image extensions only) and keep files as given."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        else:
+            found.append(path)
+    return found
+
+
+def predict_files(predictor: Predictor, paths: Sequence[Path], batch_size: int = 32) -> list[PredictionRow]:
+    """Predict every file in batches; unreadable files become rows with an ``error``."""
+    from tqdm.auto import tqdm
+
+    rows: list[PredictionRow] = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch"):
+        chunk = paths[start : start + batch_size]
+        images, readable = [], []
+        for path in chunk:
+            try:
+                images.append(load_rgb(path))
+                readable.append(PredictionRow(str(path)))
+            except ImageLoadError as error:
+                rows.append(PredictionRow(str(path), error=str(error)))
+        if images:
+            for row, probs in zip(readable, predictor.predict(images, batch_size)):
+                row.probabilities = probs
+                rows.append(row)
+    order = {str(path): i for i, path in enumerate(paths)}
+    return sorted(rows, key=lambda row: order.get(row.file, 0))
+
+
+def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str], out: str | Path, top_k: int = 3) -> Path:
+    """Write predictions as CSV (by extension ``.csv``) or JSON, with top-k classes and all probabilities."""
+    out = Path(out)
+    top_k = min(top_k, len(class_names))
+    records = []
+    for row in rows:
+        record: dict = {"file": row.file, "error": row.error or ""}
+        if row.probabilities is not None:
+            order = np.argsort(-row.probabilities)[:top_k]
+            record["label"] = class_names[order[0]]
+            record["confidence"] = float(row.probabilities[order[0]])
+            for rank, index in enumerate(order, start=1):
+                record[f"top{rank}"] = class_names[index]
+                record[f"top{rank}_p"] = float(row.probabilities[index])
+            record["probabilities"] = {name: float(p) for name, p in zip(class_names, row.probabilities)}
+        records.append(record)
+    if out.suffix.lower() == ".json":
+        return write_json(out, records)
+    columns = ["file", "label", "confidence"] + [f"top{r}{s}" for r in range(1, top_k + 1) for s in ("", "_p")]
+    columns += [f"p_{name}" for name in class_names] + ["error"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for record in records:
+                flat = {k: v for k, v in record.items() if k != "probabilities"}
+                flat.update({f"p_{name}": p for name, p in record.get("probabilities", {}).items()})
+                writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in flat.items()})
+
+    return atomic_write(out, write)
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    """The test metrics stored in a run folder."""
+    return json.loads((Path(run_dir) / "metrics.json").read_text())

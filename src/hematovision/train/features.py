@@ -1,0 +1,139 @@
+"""Frozen-backbone features: computed once, cached on disk, fed to a small head.
+
+For EfficientNet-style timm models the feature vector concatenates global-average-pooled
+maps from several late stages and the final 1280-channel head. Mid-level stages carry the
+texture and granule detail that separates white-cell types; the last stage alone is tuned
+to ImageNet objects. Other backbones fall back to their pooled final features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hematovision.data.transforms import Preprocessing, dihedral, normalize
+from hematovision.models import create_model, get_model_info
+from hematovision.paths import hematovision_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# Stages of timm's EfficientNet whose pooled outputs join the final features (0-based block stages).
+DEFAULT_TAPS = (4, 5)
+
+
+class PooledFeatures(nn.Module):
+    """A frozen backbone returning pooled multi-stage features, shape (N, D).
+
+    Args:
+        backbone: a timm EfficientNet (``conv_stem``/``blocks``/``conv_head``) or any timm model.
+        taps: block-stage indices whose pooled outputs are concatenated before the final features.
+    """
+
+    def __init__(self, backbone: nn.Module, taps: Sequence[int] = DEFAULT_TAPS) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.is_efficientnet = all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+        self.taps = tuple(taps) if self.is_efficientnet else ()
+        # Grad-CAM and other explainers look for this attribute to find the last feature map.
+        self.gradcam_layer = backbone.bn2 if self.is_efficientnet else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.is_efficientnet:
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        backbone = self.backbone
+        x = backbone.bn1(backbone.conv_stem(x))
+        pooled = []
+        for index, stage in enumerate(backbone.blocks):
+            x = stage(x)
+            if index in self.taps:
+                pooled.append(x.mean(dim=(2, 3)))
+        x = backbone.bn2(backbone.conv_head(x))
+        pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    @property
+    def num_features(self) -> int:
+        with torch.no_grad():
+            return int(self(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+class FeatureExtractor:
+    """Compute (and cache) frozen ImageNet features of images.
+
+    Args:
+        backbone: registry name of a model with ImageNet weights.
+        image_size: input side in pixels.
+        taps: extra stages to pool (EfficientNet only).
+        tta: number of dihedral views (1, 2, 4 or 8) averaged per image; flips and 90° rotations
+            do not change a cell's class, so averaging them steadies the features.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, image_size: int | None = None,
+                 taps: Sequence[int] = DEFAULT_TAPS, tta: int = 1, batch_size: int = 32) -> None:
+        info = get_model_info(backbone)
+        self.backbone_name = backbone
+        self.prep = Preprocessing(image_size or info.input_size, info.mean, info.std)
+        self.taps = tuple(taps)
+        if tta not in (1, 2, 4, 8):
+            raise ValueError(f"tta must be 1, 2, 4 or 8, got {tta}")
+        self.tta = tta
+        self.batch_size = batch_size
+        model = create_model(backbone, num_classes=1000, pretrained=True)
+        self.module = PooledFeatures(model, self.taps).eval().to(memory_format=torch.channels_last)
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def config(self) -> dict:
+        """What determines the features; part of every cache key and model card."""
+        return {"backbone": self.backbone_name, "preprocessing": self.prep.to_dict(), "taps": list(self.taps), "tta": self.tta}
+
+    @torch.inference_mode()
+    def extract(self, images: np.ndarray | Sequence[np.ndarray], progress: bool = False) -> np.ndarray:
+        """Features of (N, S, S, 3) uint8 images already resized to ``image_size``: (N, D) float32."""
+        from tqdm.auto import tqdm
+
+        from hematovision.data.transforms import resize
+
+        if not isinstance(images, np.ndarray):
+            images = np.stack([resize(image, self.prep.image_size) for image in images])
+        outputs = []
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
+            batch = normalize(images[start : start + self.batch_size], self.prep).contiguous(memory_format=torch.channels_last)
+            views = [self.module(dihedral(batch, k)) for k in range(self.tta)]
+            outputs.append(torch.stack(views).mean(0).numpy())
+        return np.concatenate(outputs) if outputs else np.zeros((0, self.module.num_features), np.float32)
+
+    def extract_cached(self, images: np.ndarray, file_hashes: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
+        """Like :meth:`extract`, but each image's features are cached on disk by content and config.
+
+        Args:
+            images: (N, S, S, 3) uint8.
+            file_hashes: a content hash per image (e.g. sha256 of the file).
+            cache_dir: cache folder (default ``$HEMATOVISION_HOME/features``).
+        """
+        key = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        folder = Path(cache_dir) if cache_dir else hematovision_home() / "features" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256("".join(file_hashes).encode()).hexdigest()[:24]
+        path = folder / f"{digest}.npy"
+        if path.exists():
+            features = np.load(path)
+            if len(features) == len(images):
+                log.info("features loaded from cache %s", path)
+                return features
+        features = self.extract(images, progress=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, features)
+        tmp.replace(path)
+        return features

@@ -1,0 +1,229 @@
+"""``hematovision train``: data → split → frozen or fine-tuned model → calibrated, evaluated run folder."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import hematovision
+from hematovision._io import write_json
+from hematovision.data.folder import LoadedImages, Sample, label_indices, load_images, scan_image_folder
+from hematovision.data.splits import content_groups, file_digests, read_group_csv, train_val_test_split, write_split_csv
+from hematovision.data.transforms import Preprocessing
+from hematovision.errors import DatasetError
+from hematovision.evaluate.metrics import fit_temperature, softmax
+from hematovision.models import create_model, get_model_info
+from hematovision.train.checkpoint import MODEL_FILE, save_weights, write_card
+from hematovision.train.features import DEFAULT_TAPS, FeatureExtractor, PooledFeatures
+from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
+from hematovision.train.frozen import FrozenClassifier, fit_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``hematovision train`` needs; saved as ``train_config.json`` in the run folder.
+
+    Attributes:
+        out: the run folder.
+        data: one dataset folder (split 70/15/15 unless it has train/val/test folders).
+        train_dir, val_dir, test_dir: explicit splits instead of ``data``.
+        mode: ``frozen`` (cached features + head) or ``finetune``.
+        backbone: registry name.
+        pretrained: start from ImageNet weights (frozen mode requires them).
+        image_size: input side; default 224 for frozen, 192 for finetune.
+        classes: keep only these classes.
+        group_csv: CSV mapping file names to groups that must stay on one side of the split.
+        seed: split and training seed.
+        head: frozen head, ``logreg`` or ``mlp``.
+        tta: dihedral views averaged in frozen features.
+        finetune: the fine-tuning settings.
+        resume: continue an interrupted fine-tuning run.
+    """
+
+    out: Path
+    data: Path | None = None
+    train_dir: Path | None = None
+    val_dir: Path | None = None
+    test_dir: Path | None = None
+    mode: str = "frozen"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int | None = None
+    classes: list[str] | None = None
+    group_csv: Path | None = None
+    seed: int = 0
+    head: str = "logreg"
+    tta: int = 1
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    resume: bool = False
+
+    def resolved_image_size(self) -> int:
+        if self.image_size:
+            return self.image_size
+        return get_model_info(self.backbone).input_size if self.mode == "frozen" else min(192, get_model_info(self.backbone).input_size)
+
+
+def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[str]]:
+    """The samples, their split names and groups; writes nothing."""
+    if config.data is None and config.train_dir is None:
+        raise DatasetError("give --data DIR, or --train-dir (with optional --val-dir/--test-dir)")
+    extra_groups = read_group_csv(config.group_csv) if config.group_csv else None
+    if config.data is not None:
+        folder = scan_image_folder(config.data, config.classes)
+        samples = folder.samples
+        if folder.split_names:
+            splits = [sample.split or "" for sample in samples]
+            if "train" not in splits:
+                raise DatasetError(f"{config.data} has split folders {folder.split_names} but no train folder")
+        else:
+            splits = None
+    else:
+        samples, splits = [], []
+        for name, folder_path in (("train", config.train_dir), ("val", config.val_dir), ("test", config.test_dir)):
+            if folder_path is not None:
+                part = scan_image_folder(folder_path, config.classes).samples
+                samples += part
+                splits += [name] * len(part)
+    groups = content_groups(samples, extra_groups)
+    labels = [sample.label for sample in samples]
+    if splits is None:
+        splits = train_val_test_split(labels, groups, seed=config.seed)
+    elif "val" not in splits:
+        # Carve a validation part out of train, whole groups together (needed for early stopping and calibration).
+        train_index = [i for i, s in enumerate(splits) if s == "train"]
+        carved = train_val_test_split([labels[i] for i in train_index], [groups[i] for i in train_index],
+                                      fractions=(0.85, 0.15, 0.0), seed=config.seed)
+        for i, part in zip(train_index, carved):
+            splits[i] = part
+    return samples, splits, groups
+
+
+def build_model_from_card(card: dict) -> nn.Module:
+    """An untrained network of the architecture a model card describes (weights are loaded separately)."""
+    num_classes = len(card["class_names"])
+    if card["mode"] == "frozen":
+        frozen = card["frozen"]
+        backbone = create_model(card["backbone"], num_classes=1000, pretrained=False)
+        features = PooledFeatures(backbone, frozen["taps"])
+        return FrozenClassifier(features, frozen["num_features"], num_classes, frozen["hidden"])
+    return create_model(card["backbone"], num_classes=num_classes, pretrained=False, **card.get("model_kwargs", {}))
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train, calibrate and evaluate; returns the test metrics. The run folder gets:
+
+    ``split.csv``, ``train_config.json``, ``model.safetensors``, ``model_card.json``,
+    ``metrics.json`` + ``report.md`` + plots (test split), ``val_metrics.json``.
+    """
+    from hematovision.evaluate.report import write_evaluation
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.mode not in ("frozen", "finetune"):
+        raise ValueError(f"mode must be frozen or finetune, not {config.mode!r}")
+    if config.mode == "frozen" and not config.pretrained:
+        raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
+    info = get_model_info(config.backbone)
+    samples, splits, groups = resolve_splits(config)
+    write_split_csv(out / "split.csv", samples, splits, groups)
+    write_json(out / "train_config.json", _config_dict(config))
+
+    class_names = sorted({sample.label for sample, split in zip(samples, splits) if split == "train"})
+    if len(class_names) < 2:
+        raise DatasetError(f"training needs at least 2 classes; found {class_names or 'none'} in the training data")
+    size = config.resolved_image_size()
+    prep = Preprocessing(size, info.mean, info.std)
+    parts: dict[str, LoadedImages] = {}
+    for part in ("train", "val", "test"):
+        chosen = [s for s, split in zip(samples, splits) if split == part and s.label in class_names]
+        parts[part] = load_images(chosen, size, desc=f"loading {part}")
+    failures = [(str(p), reason) for loaded in parts.values() for p, reason in loaded.failures]
+    if failures:
+        write_json(out / "unreadable_files.json", failures)
+        log.warning("%d unreadable file(s) skipped; listed in %s", len(failures), out / "unreadable_files.json")
+    for part in ("train", "val"):
+        if len(parts[part].samples) == 0:
+            raise DatasetError(f"the {part} split has no readable images")
+    y = {part: label_indices(loaded.samples, class_names) for part, loaded in parts.items()}
+    log.info("images: %s", {part: len(loaded.samples) for part, loaded in parts.items()})
+
+    card: dict = {
+        "hematovision_version": hematovision.__version__,
+        "mode": config.mode,
+        "backbone": config.backbone,
+        "pretrained": config.pretrained,
+        "weights": info.weights if config.pretrained else "random initialisation (no pretrained weights)",
+        "class_names": class_names,
+        "preprocessing": prep.to_dict(),
+        "split_file": "split.csv",
+        "data": {
+            "source": str(config.data or config.train_dir),
+            "n_images": {part: len(loaded.samples) for part, loaded in parts.items()},
+            "unreadable_files": len(failures),
+            "seed": config.seed,
+            "split": "given folders" if config.train_dir or any(s.split for s in samples) else "seeded stratified 70/15/15, duplicate files grouped",
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    history: list[dict] = []
+    if config.mode == "frozen":
+        extractor = FeatureExtractor(config.backbone, size, DEFAULT_TAPS, tta=config.tta)
+        digest_of = dict(zip((s.path for s in samples), file_digests(samples)))
+        features = {}
+        for part, loaded in parts.items():
+            hashes = [digest_of[sample.path] for sample in loaded.samples]
+            features[part] = extractor.extract_cached(loaded.images, hashes) if len(loaded.samples) else np.zeros((0, 1))
+        model = FrozenClassifier(extractor.module, features["train"].shape[1], len(class_names),
+                                 hidden=512 if config.head == "mlp" else 0)
+        summary = fit_head(model, features["train"], y["train"], features["val"], y["val"], len(class_names),
+                           head=config.head, seed=config.seed)
+        card["frozen"] = {"taps": list(extractor.taps), "num_features": int(features["train"].shape[1]),
+                          "hidden": 512 if config.head == "mlp" else 0, "head": summary, "tta": config.tta}
+        with torch.no_grad():
+            logits = {part: model.forward_head(torch.as_tensor(f, dtype=torch.float32)).numpy()
+                      for part, f in features.items() if len(f) and f.shape[1] > 1}
+        save_weights(model.eval(), out / MODEL_FILE)
+    else:
+        model = create_model(config.backbone, num_classes=len(class_names), pretrained=config.pretrained)
+        result = finetune(model, prep, parts["train"].images, y["train"], parts["val"].images, y["val"],
+                          len(class_names), config.finetune, out, resume=config.resume)
+        model, history = result.model, result.history
+        card["finetune"] = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds}
+        logits = {part: predict_logits(model, loaded.images, prep) for part, loaded in parts.items() if len(loaded.samples)}
+
+    temperature = fit_temperature(logits["val"], y["val"])
+    card["temperature"] = temperature
+    log.info("temperature fitted on val: %.3f", temperature)
+    val_metrics = write_evaluation(out / "val", y["val"], softmax(logits["val"], temperature), class_names,
+                                   f"{config.backbone} ({config.mode}) — validation split")
+    context = {"model": config.backbone, "mode": config.mode, "split": "test part of split.csv",
+               "data": card["data"]["source"], "seed": config.seed, "temperature": round(temperature, 4)}
+    if "test" in logits:
+        metrics = write_evaluation(out, y["test"], softmax(logits["test"], temperature), class_names,
+                                   f"{config.backbone} ({config.mode}) — held-out test split", context, history)
+    else:
+        log.warning("no test split: reporting validation metrics only")
+        metrics = val_metrics
+    card["metrics"] = {"split": "test" if "test" in logits else "val",
+                       **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
+    card["train_seconds"] = time.perf_counter() - started
+    write_card(out, card)
+    log.info("run folder: %s (test accuracy %.4f, macro-F1 %.4f)", out, metrics["accuracy"], metrics["macro_f1"])
+    return metrics
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    data = asdict(config)
+    return {key: str(value) if isinstance(value, Path) else value for key, value in data.items()}
