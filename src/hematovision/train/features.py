@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Stages of timm's EfficientNet whose pooled outputs join the final features (0-based block stages).
-DEFAULT_TAPS = (4, 5)
+DEFAULT_TAPS = (2, 3, 4, 5)
 
 
 class PooledFeatures(nn.Module):
@@ -35,15 +35,21 @@ class PooledFeatures(nn.Module):
     Args:
         backbone: a timm EfficientNet (``conv_stem``/``blocks``/``conv_head``) or any timm model.
         taps: block-stage indices whose pooled outputs are concatenated before the final features.
+        tap_std: also pool the spatial standard deviation of each tapped map. Granules and
+            chromatin show up as texture, which a mean alone averages away.
     """
 
-    def __init__(self, backbone: nn.Module, taps: Sequence[int] = DEFAULT_TAPS) -> None:
+    def __init__(self, backbone: nn.Module, taps: Sequence[int] = DEFAULT_TAPS, tap_std: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
+        self.tap_std = tap_std
         self.is_efficientnet = all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
         self.taps = tuple(taps) if self.is_efficientnet else ()
-        # Grad-CAM and other explainers look for this attribute to find the last feature map.
-        self.gradcam_layer = backbone.bn2 if self.is_efficientnet else None
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        """The module whose output is the last spatial feature map (Grad-CAM looks for this)."""
+        return self.backbone.bn2 if self.is_efficientnet else None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_efficientnet:
@@ -55,6 +61,8 @@ class PooledFeatures(nn.Module):
             x = stage(x)
             if index in self.taps:
                 pooled.append(x.mean(dim=(2, 3)))
+                if self.tap_std:
+                    pooled.append(x.std(dim=(2, 3)))
         x = backbone.bn2(backbone.conv_head(x))
         pooled.append(x.mean(dim=(2, 3)))
         return torch.cat(pooled, dim=1)

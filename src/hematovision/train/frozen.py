@@ -33,13 +33,17 @@ class FrozenClassifier(nn.Module):
     def __init__(self, features: PooledFeatures, num_features: int, num_classes: int, hidden: int = 0) -> None:
         super().__init__()
         self.features = features
-        self.gradcam_layer = features.gradcam_layer
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         if hidden:
             self.head: nn.Module = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
         else:
             self.head = nn.Linear(num_features, num_classes)
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        """The last spatial feature map of the backbone, for Grad-CAM."""
+        return self.features.gradcam_layer
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits from already-extracted (N, D) features."""
