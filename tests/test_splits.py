@@ -50,14 +50,18 @@ def test_identical_files_share_a_group(tmp_path: Path) -> None:
     samples = scan_image_folder(tmp_path).samples
     groups = content_groups(samples)
     assert groups[0] == groups[1] != groups[2]
-    mapped = content_groups(samples, {"c.png": "frame7", "a.png": "frame7"})
+    mapped = content_groups(samples, {"x/c.png": "frame7", "a.png": "frame7"})
     assert mapped[0] == mapped[2] == "group:frame7"
 
 
 def test_group_csv_and_split_csv_round_trip(tmp_path: Path) -> None:
     csv_path = tmp_path / "prov.csv"
-    csv_path.write_text("split,class,file,source_original,confident\nTRAIN,EOS,_0_1.jpeg,BloodImage_00001.jpg,1\n")
-    assert read_group_csv(csv_path) == {"_0_1.jpeg": "BloodImage_00001.jpg"}
+    csv_path.write_text("split,class,file,source_original,confident\nTRAIN,EOS,_0_1.jpeg,BloodImage_00001.jpg,1\n"
+                        "TEST,MON,_0_1.jpeg,BloodImage_00002.jpg,1\n")
+    mapping = read_group_csv(csv_path)
+    assert mapping == {"train/eos/_0_1.jpeg": "BloodImage_00001.jpg", "test/mon/_0_1.jpeg": "BloodImage_00002.jpg"}
+    same_name = [Sample(Path("/d/TRAIN/EOS/_0_1.jpeg"), "eos"), Sample(Path("/d/TEST/MON/_0_1.jpeg"), "mon")]
+    assert content_groups(same_name, mapping, digests=["x", "y"]) == ["group:BloodImage_00001.jpg", "group:BloodImage_00002.jpg"]
     samples = [Sample(Path("/d/a.png"), "a"), Sample(Path("/d/b.png"), "b")]
     write_split_csv(tmp_path / "split.csv", samples, ["train", "test"], ["g1", "g2"])
     rows = read_split_csv(tmp_path / "split.csv")

@@ -98,12 +98,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
     from hematovision.train.finetune import FinetuneConfig
     from hematovision.train.pipeline import TrainConfig, run_training
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(
         out=args.out, data=args.data, train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
         mode=args.mode, backbone=args.backbone, pretrained=not args.no_pretrained, image_size=args.image_size,

@@ -33,18 +33,27 @@ def file_digests(samples: Sequence[Sample]) -> list[str]:
 
 def content_groups(samples: Sequence[Sample], extra_groups: Mapping[str, str] | None = None,
                    digests: Sequence[str] | None = None) -> list[str]:
-    """A group id per sample: the explicit group for its file name if given, else its sha256.
+    """A group id per sample: the explicit group for its file if given, else its sha256.
 
     Byte-identical files get the same id, so they can never land on both sides of a split.
+    Explicit groups are looked up by the file's trailing path parts, longest first
+    (``split/class/file``, ``class/file``, ``file``; lower case), as :func:`read_group_csv` keys them.
     """
     digests = digests if digests is not None else file_digests(samples)
     groups = []
     for sample, digest in zip(samples, digests):
-        if extra_groups and sample.path.name in extra_groups:
-            groups.append(f"group:{extra_groups[sample.path.name]}")
-        else:
-            groups.append(f"sha256:{digest}")
+        group = _lookup_group(sample.path, extra_groups) if extra_groups else None
+        groups.append(f"group:{group}" if group is not None else f"sha256:{digest}")
     return groups
+
+
+def _lookup_group(path: Path, extra_groups: Mapping[str, str]) -> str | None:
+    parts = [part.lower() for part in path.parts]
+    for length in (3, 2, 1):
+        key = "/".join(parts[-length:])
+        if key in extra_groups:
+            return extra_groups[key]
+    return None
 
 
 def read_group_csv(path: str | Path, file_column: str | None = None, group_column: str | None = None) -> dict[str, str]:
@@ -52,7 +61,9 @@ def read_group_csv(path: str | Path, file_column: str | None = None, group_colum
 
     Without explicit columns the file column is the first one whose values end in an image
     extension and the group column is ``group``, ``source_original`` or the second column.
-    Keys are file names (no folders).
+    Keys are lower-case ``split/class/file`` when the CSV has ``split`` and ``class`` columns
+    (file names repeat across classes in some datasets), ``class/file`` with only ``class``,
+    else the file name.
     """
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -65,7 +76,13 @@ def read_group_csv(path: str | Path, file_column: str | None = None, group_colum
         )
     if group_column is None:
         group_column = next((c for c in ("group", "source_original") if c in columns), columns[1])
-    return {Path(row[file_column]).name: row[group_column] for row in rows if row.get(group_column)}
+    prefix_columns = [c for c in ("split", "class") if c in columns]
+    mapping = {}
+    for row in rows:
+        if row.get(group_column):
+            key = "/".join([row[c] for c in prefix_columns] + [Path(row[file_column]).name]).lower()
+            mapping[key] = row[group_column]
+    return mapping
 
 
 def _group_labels(labels: Sequence[str], groups: Sequence[str]) -> tuple[list[str], dict[str, list[int]]]:

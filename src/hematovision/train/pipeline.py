@@ -72,8 +72,8 @@ class TrainConfig:
         return get_model_info(self.backbone).input_size if self.mode == "frozen" else min(192, get_model_info(self.backbone).input_size)
 
 
-def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[str]]:
-    """The samples, their split names and groups; writes nothing."""
+def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[str], list[str]]:
+    """The samples, their split names, groups and file sha256 digests; writes nothing."""
     if config.data is None and config.train_dir is None:
         raise DatasetError("give --data DIR, or --train-dir (with optional --val-dir/--test-dir)")
     extra_groups = read_group_csv(config.group_csv) if config.group_csv else None
@@ -93,7 +93,8 @@ def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[s
                 part = scan_image_folder(folder_path, config.classes).samples
                 samples += part
                 splits += [name] * len(part)
-    groups = content_groups(samples, extra_groups)
+    digests = file_digests(samples)
+    groups = content_groups(samples, extra_groups, digests)
     labels = [sample.label for sample in samples]
     if splits is None:
         splits = train_val_test_split(labels, groups, seed=config.seed)
@@ -104,7 +105,7 @@ def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[s
                                       fractions=(0.85, 0.15, 0.0), seed=config.seed)
         for i, part in zip(train_index, carved):
             splits[i] = part
-    return samples, splits, groups
+    return samples, splits, groups, digests
 
 
 def build_model_from_card(card: dict) -> nn.Module:
@@ -134,7 +135,7 @@ def run_training(config: TrainConfig) -> dict:
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
     info = get_model_info(config.backbone)
-    samples, splits, groups = resolve_splits(config)
+    samples, splits, groups, digests = resolve_splits(config)
     write_split_csv(out / "split.csv", samples, splits, groups)
     write_json(out / "train_config.json", _config_dict(config))
 
@@ -180,7 +181,7 @@ def run_training(config: TrainConfig) -> dict:
     history: list[dict] = []
     if config.mode == "frozen":
         extractor = FeatureExtractor(config.backbone, size, DEFAULT_TAPS, tta=config.tta)
-        digest_of = dict(zip((s.path for s in samples), file_digests(samples)))
+        digest_of = dict(zip((s.path for s in samples), digests))
         features = {}
         for part, loaded in parts.items():
             hashes = [digest_of[sample.path] for sample in loaded.samples]
@@ -196,6 +197,7 @@ def run_training(config: TrainConfig) -> dict:
                       for part, f in features.items() if len(f) and f.shape[1] > 1}
         save_weights(model.eval(), out / MODEL_FILE)
     else:
+        torch.manual_seed(config.seed)  # new layers' initial weights are part of the seeded run
         model = create_model(config.backbone, num_classes=len(class_names), pretrained=config.pretrained)
         result = finetune(model, prep, parts["train"].images, y["train"], parts["val"].images, y["val"],
                           len(class_names), config.finetune, out, resume=config.resume)
