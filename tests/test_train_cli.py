@@ -89,6 +89,27 @@ def test_frozen_mode_with_pretrained_backbone(synthetic_dataset: Path, tmp_path:
     assert predictor.class_names[int(predictor.predict([image]).argmax())] == "eosinophil"
 
 
+def test_frozen_mode_with_two_backbones(synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEMATOVISION_HOME", str(tmp_path / "home"))
+    out = tmp_path / "frozen2"
+    assert main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "frozen",
+                 "--backbone", "efficientnet_lite0+efficientnet_lite1", "--image-size", "64"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["frozen"]["num_features"] > 2 * 1280
+    from hematovision.predict import Predictor
+
+    predictor = Predictor.from_run_dir(out)
+    from hematovision.data.images import load_rgb
+
+    image = load_rgb(next((synthetic_dataset / "LYMPHOCYTE").iterdir()))
+    assert predictor.class_names[int(predictor.predict([image]).argmax())] == "lymphocyte"
+
+
+def test_unknown_backbone_is_one_line(synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(synthetic_dataset), "--out", str(tmp_path), "--backbone", "resnet9000"]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+
+
 def test_interrupted_training_resumes(synthetic_dataset: Path, tmp_path: Path) -> None:
     from hematovision.train import finetune as finetune_module
 

@@ -15,6 +15,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class UnknownModelError(HematoVisionError, KeyError):
+    """No model is registered under the name asked for."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class PretrainedUnavailableError(HematoVisionError, RuntimeError):
     """ImageNet weights were asked for but cannot be loaded (offline, or none exist)."""
 
@@ -88,12 +95,12 @@ def list_models(family: str | None = None) -> list[str]:
 
 
 def get_model_info(name: str) -> ModelInfo:
-    """The :class:`ModelInfo` for ``name``; raises ``KeyError`` listing known names."""
+    """The :class:`ModelInfo` for ``name``; raises :class:`UnknownModelError` (a ``KeyError``) listing known names."""
     _ensure_builtin_models()
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs: object) -> nn.Module:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hematovision.data.transforms import Preprocessing, dihedral, normalize
@@ -73,11 +74,58 @@ class PooledFeatures(nn.Module):
             return int(self(torch.zeros(1, 3, 64, 64)).shape[1])
 
 
+class ConcatFeatures(nn.Module):
+    """Several frozen backbones side by side: each sees the input at its own native size.
+
+    Args:
+        branches: :class:`PooledFeatures` modules sharing one input normalisation.
+        sizes: input side of each branch; the input is resized (bilinear) where it differs.
+    """
+
+    def __init__(self, branches: Sequence[PooledFeatures], sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.sizes = [int(size) for size in sizes]
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        return self.branches[0].gradcam_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = []
+        for branch, size in zip(self.branches, self.sizes):
+            view = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            outputs.append(branch(view))
+        return torch.cat(outputs, dim=1)
+
+
+def backbone_names(backbone: str) -> list[str]:
+    """``"a+b"`` → ``["a", "b"]``: frozen mode can concatenate several backbones' features."""
+    return [name.strip() for name in backbone.split("+") if name.strip()]
+
+
+def frozen_input_spec(backbone: str) -> tuple[int, tuple, tuple]:
+    """(input size, mean, std) of a possibly combined frozen backbone: the largest native size."""
+    infos = [get_model_info(name) for name in backbone_names(backbone)]
+    if len({(info.mean, info.std) for info in infos}) > 1:
+        raise ValueError(f"backbones in {backbone!r} normalise their inputs differently; combine ones that match")
+    return max(info.input_size for info in infos), infos[0].mean, infos[0].std
+
+
+def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) -> nn.Module:
+    """The frozen feature module for one backbone name or a ``+``-joined combination."""
+    names = backbone_names(backbone)
+    branches = [PooledFeatures(create_model(name, num_classes=1000, pretrained=pretrained), taps) for name in names]
+    if len(branches) == 1:
+        return branches[0]
+    return ConcatFeatures(branches, [get_model_info(name).input_size for name in names])
+
+
 class FeatureExtractor:
     """Compute (and cache) frozen ImageNet features of images.
 
     Args:
-        backbone: registry name of a model with ImageNet weights.
+        backbone: registry name of a model with ImageNet weights, or several joined by ``+``.
         image_size: input side in pixels.
         taps: extra stages to pool (EfficientNet only).
         tta: number of dihedral views (1, 2, 4 or 8) averaged per image; flips and 90° rotations
@@ -87,16 +135,15 @@ class FeatureExtractor:
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, image_size: int | None = None,
                  taps: Sequence[int] = DEFAULT_TAPS, tta: int = 1, batch_size: int = 32) -> None:
-        info = get_model_info(backbone)
+        native_size, mean, std = frozen_input_spec(backbone)
         self.backbone_name = backbone
-        self.prep = Preprocessing(image_size or info.input_size, info.mean, info.std)
+        self.prep = Preprocessing(image_size or native_size, mean, std)
         self.taps = tuple(taps)
         if tta not in (1, 2, 4, 8):
             raise ValueError(f"tta must be 1, 2, 4 or 8, got {tta}")
         self.tta = tta
         self.batch_size = batch_size
-        model = create_model(backbone, num_classes=1000, pretrained=True)
-        self.module = PooledFeatures(model, self.taps).eval().to(memory_format=torch.channels_last)
+        self.module = build_frozen_features(backbone, self.taps, pretrained=True).eval().to(memory_format=torch.channels_last)
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
 

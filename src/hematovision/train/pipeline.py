@@ -21,7 +21,7 @@ from hematovision.errors import DatasetError
 from hematovision.evaluate.metrics import fit_temperature, softmax
 from hematovision.models import create_model, get_model_info
 from hematovision.train.checkpoint import MODEL_FILE, save_weights, write_card
-from hematovision.train.features import DEFAULT_TAPS, FeatureExtractor, PooledFeatures
+from hematovision.train.features import DEFAULT_TAPS, FeatureExtractor, backbone_names, build_frozen_features, frozen_input_spec
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
 from hematovision.train.frozen import FrozenClassifier, fit_head
 
@@ -69,7 +69,9 @@ class TrainConfig:
     def resolved_image_size(self) -> int:
         if self.image_size:
             return self.image_size
-        return get_model_info(self.backbone).input_size if self.mode == "frozen" else min(192, get_model_info(self.backbone).input_size)
+        if self.mode == "frozen":
+            return frozen_input_spec(self.backbone)[0]
+        return min(192, get_model_info(self.backbone).input_size)
 
 
 def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[str], list[str]]:
@@ -113,8 +115,7 @@ def build_model_from_card(card: dict) -> nn.Module:
     num_classes = len(card["class_names"])
     if card["mode"] == "frozen":
         frozen = card["frozen"]
-        backbone = create_model(card["backbone"], num_classes=1000, pretrained=False)
-        features = PooledFeatures(backbone, frozen["taps"])
+        features = build_frozen_features(card["backbone"], frozen["taps"], pretrained=False)
         return FrozenClassifier(features, frozen["num_features"], num_classes, frozen["hidden"])
     return create_model(card["backbone"], num_classes=num_classes, pretrained=False, **card.get("model_kwargs", {}))
 
@@ -132,9 +133,16 @@ def run_training(config: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if config.mode not in ("frozen", "finetune"):
         raise ValueError(f"mode must be frozen or finetune, not {config.mode!r}")
+    if config.mode == "finetune" and "+" in config.backbone:
+        raise DatasetError("combined backbones (a+b) are for frozen mode; fine-tune one backbone")
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
-    info = get_model_info(config.backbone)
+    if config.mode == "frozen":
+        _, mean, std = frozen_input_spec(config.backbone)
+        weights = "; ".join(filter(None, (get_model_info(n).weights for n in backbone_names(config.backbone))))
+    else:
+        info = get_model_info(config.backbone)
+        mean, std, weights = info.mean, info.std, info.weights
     samples, splits, groups, digests = resolve_splits(config)
     write_split_csv(out / "split.csv", samples, splits, groups)
     write_json(out / "train_config.json", _config_dict(config))
@@ -143,7 +151,7 @@ def run_training(config: TrainConfig) -> dict:
     if len(class_names) < 2:
         raise DatasetError(f"training needs at least 2 classes; found {class_names or 'none'} in the training data")
     size = config.resolved_image_size()
-    prep = Preprocessing(size, info.mean, info.std)
+    prep = Preprocessing(size, mean, std)
     parts: dict[str, LoadedImages] = {}
     for part in ("train", "val", "test"):
         chosen = [s for s, split in zip(samples, splits) if split == part and s.label in class_names]
@@ -163,7 +171,7 @@ def run_training(config: TrainConfig) -> dict:
         "mode": config.mode,
         "backbone": config.backbone,
         "pretrained": config.pretrained,
-        "weights": info.weights if config.pretrained else "random initialisation (no pretrained weights)",
+        "weights": weights if config.pretrained else "random initialisation (no pretrained weights)",
         "class_names": class_names,
         "preprocessing": prep.to_dict(),
         "split_file": "split.csv",
