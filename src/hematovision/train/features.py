@@ -63,7 +63,7 @@ class PooledFeatures(nn.Module):
             if index in self.taps:
                 pooled.append(x.mean(dim=(2, 3)))
                 if self.tap_std:
-                    pooled.append(x.std(dim=(2, 3)))
+                    pooled.append(x.std(dim=(2, 3), correction=0))  # finite for 1x1 maps too
         x = backbone.bn2(backbone.conv_head(x))
         pooled.append(x.mean(dim=(2, 3)))
         return torch.cat(pooled, dim=1)

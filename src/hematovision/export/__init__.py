@@ -1,0 +1,1 @@
+"""Preparing a trained run for serving: ONNX export, INT8 quantisation, review calibration."""

@@ -1,0 +1,167 @@
+"""``prepare_run``: everything ``hematovision export`` does to make a run folder ready to serve."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hematovision._io import sha256_file, write_json
+from hematovision.data.transforms import Preprocessing, normalize
+from hematovision.errors import DatasetError, HematoVisionError
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+REPORT_FILE = "export.json"
+WEIGHTS_FILE = "model.safetensors"
+
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def torch_forward(model: torch.nn.Module, prep: Preprocessing) -> Forward:
+    """(N, S, S, 3) uint8 → (logits, features) with PyTorch."""
+    from hematovision.export.onnx import LogitsAndFeatures
+
+    wrapped = LogitsAndFeatures(model).eval()
+
+    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, features = wrapped(normalize(np.ascontiguousarray(images), prep))
+        return logits.numpy(), features.numpy()
+
+    return forward
+
+
+def onnx_forward(session: Any, prep: Preprocessing) -> Forward:
+    """(N, S, S, 3) uint8 → (logits, features) with ONNX Runtime."""
+
+    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = session.run(None, {"input": normalize(np.ascontiguousarray(images), prep).numpy()})
+        return logits, features
+
+    return forward
+
+
+def prepare_run(
+    run_dir: str | Path,
+    onnx: bool = True,
+    int8: bool = False,
+    calibrate: bool = True,
+    opset: int = 17,
+    target_accuracy: float = 0.98,
+    ood_quantile: float = 0.95,
+    max_train: int = 3000,
+    threads: int = 2,
+    predictor: Any = None,
+) -> dict[str, Any]:
+    """Export ONNX (checked against PyTorch), optionally INT8, and calibrate the review policy.
+
+    Args:
+        run_dir: a run folder from ``hematovision train``.
+        onnx: write ``model.onnx``.
+        int8: also write ``model.int8.onnx`` and measure its accuracy on the test split.
+        calibrate: fit the review policy (``serving.json``, ``ood.npz``) on the run's split.
+        opset: ONNX opset.
+        target_accuracy: accuracy wanted among predictions not flagged for low confidence.
+        ood_quantile: fraction of validation cells the OOD threshold lets through.
+        max_train: most training images for the OOD model.
+        threads: CPU threads.
+        predictor: an already loaded predictor (tests); loaded from ``run_dir`` otherwise.
+
+    Returns:
+        The report, also written to ``RUN/export.json``.
+    """
+    from hematovision.export import calibrate as calibration
+    from hematovision.export.onnx import compare_with_torch, export_onnx, onnx_session
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HematoVisionError(f"{run_dir} is not a run folder")
+    torch.set_num_threads(threads)
+    if predictor is None:
+        from hematovision.predict import Predictor
+
+        predictor = Predictor.from_run_dir(run_dir)
+    model, prep = predictor.model.eval(), predictor.prep
+    # What the exported files were made from: the server ignores them once the weights change.
+    source = run_dir / WEIGHTS_FILE
+    report: dict[str, Any] = {"run_dir": str(run_dir),
+                              "source_sha256": sha256_file(source) if source.is_file() else None}
+    splits: dict[str, list[Any]] | None
+    try:
+        card = getattr(predictor, "card", None) or {}
+        splits = calibration.read_run_split(run_dir, card.get("split_file", "split.csv"))
+    except DatasetError as error:
+        log.warning("%s", error)
+        splits = None
+    if (int8 or calibrate) and splits is None:
+        raise HematoVisionError("INT8 calibration and the review policy need the run's split.csv and images; "
+                                "use --no-calibrate (and no --int8) to export only")
+
+    forward = torch_forward(model, prep)
+    if onnx or int8:
+        path = run_dir / ONNX_FILE
+        export_onnx(model, prep.image_size, path, opset)
+        session = onnx_session(path, threads)
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(4, 3, prep.image_size, prep.image_size, generator=generator)
+        source = "4 random normal inputs"
+        if splits and splits.get("val"):
+            from hematovision.data.folder import load_images
+
+            real = load_images(splits["val"][:16], prep.image_size, desc="check images").images
+            if len(real):
+                inputs = torch.cat([inputs, normalize(real, prep)])
+                source += f" + {len(real)} validation images"
+        check = compare_with_torch(model, session, inputs)
+        report["onnx"] = {"file": ONNX_FILE, "opset": opset, "dynamic_batch": True, "checked_on": source, **check}
+        log.info("ONNX export: max |logit difference| %.2e on %s", check["logits_max_abs_diff"], source)
+        forward = onnx_forward(session, prep)
+        if int8:
+            report["int8"] = _quantize(run_dir, session, predictor, splits or {}, threads)
+
+    if calibrate and splits is not None:
+        policy = calibration.calibrate(forward, predictor.class_names, prep.image_size, splits,
+                                       float(getattr(predictor, "temperature", 1.0) or 1.0),
+                                       target_accuracy, ood_quantile, max_train)
+        policy.info["source_sha256"] = report["source_sha256"]
+        policy.save(run_dir)
+        report["review_policy"] = policy.describe()
+    write_json(run_dir / REPORT_FILE, report)
+    return report
+
+
+def _quantize(run_dir: Path, session: Any, predictor: Any, splits: dict[str, list[Any]], threads: int) -> dict[str, Any]:
+    from hematovision.data.folder import label_indices, load_images
+    from hematovision.export.onnx import onnx_session
+    from hematovision.export.quantize import compare_accuracy, quantize_int8
+
+    prep = predictor.prep
+    train = splits.get("train") or []
+    if not train:
+        raise HematoVisionError("INT8 calibration needs the run's train split")
+    rng = np.random.default_rng(0)
+    chosen = [train[i] for i in sorted(rng.choice(len(train), min(200, len(train)), replace=False))]
+    calibration_images = load_images(chosen, prep.image_size, desc="int8 calibration images").images
+    quantize_int8(run_dir / ONNX_FILE, run_dir / INT8_FILE, calibration_images, prep)
+    result: dict[str, Any] = {"file": INT8_FILE, "calibration": f"{len(calibration_images)} train images"}
+    test = splits.get("test") or []
+    if test:
+        loaded = load_images(test, prep.image_size, desc="int8 test images")
+        labels = label_indices(loaded.samples, predictor.class_names)
+        scores = compare_accuracy({"fp32": session, "int8": onnx_session(run_dir / INT8_FILE, threads)},
+                                  loaded.images, labels, prep)
+        result.update({
+            "split": f"test ({len(labels)} images)",
+            "accuracy_fp32": scores["fp32"]["accuracy"],
+            "accuracy_int8": scores["int8"]["accuracy"],
+            "accuracy_change": scores["int8"]["accuracy"] - scores["fp32"]["accuracy"],
+            "agreement_with_fp32": scores["int8"]["agreement"],
+        })
+    return result

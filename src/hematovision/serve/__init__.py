@@ -1,0 +1,1 @@
+"""The HematoVision web app: upload page, JSON API, SQLite history (``hematovision serve``)."""

@@ -1,0 +1,400 @@
+"""SQLite storage of analyses, predictions and reviews.
+
+The database runs in WAL mode: readers never block the writer, and a transaction that
+returned from ``COMMIT`` is in the WAL file, so killing the server loses nothing that was
+committed (``synchronous=NORMAL`` trades only durability against power loss for speed).
+Every write is one ``BEGIN IMMEDIATE`` transaction, so a request either stores all it
+has or nothing. Each operation opens its own short-lived connection, which keeps the
+database safe to use from the server's worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hematovision.errors import HematoVisionError
+
+SCHEMA_VERSION = 1
+EXCLUDED = "excluded"  # a review label meaning "not a white blood cell": left out of the differential
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS analyses (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    sample TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL,
+    n_images INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    analysis_id INTEGER NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    filename TEXT NOT NULL,
+    stored_name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    probabilities TEXT NOT NULL,
+    ood_score REAL,
+    needs_review INTEGER NOT NULL,
+    review_reasons TEXT NOT NULL,
+    reviewed_label TEXT,
+    reviewer TEXT,
+    reviewed_at TEXT,
+    UNIQUE (analysis_id, position)
+);
+CREATE INDEX IF NOT EXISTS predictions_analysis ON predictions (analysis_id);
+CREATE INDEX IF NOT EXISTS predictions_sha256 ON predictions (sha256);
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    analysis_id INTEGER NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
+    prediction_id INTEGER NOT NULL REFERENCES predictions(id) ON DELETE CASCADE,
+    label TEXT NOT NULL,
+    previous_label TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reviews_analysis ON reviews (analysis_id);
+"""
+
+
+class NotFoundError(HematoVisionError, LookupError):
+    """The analysis or prediction does not exist."""
+
+
+class ConflictError(HematoVisionError):
+    """The analysis changed since the client read it (its ``version`` moved on)."""
+
+
+class ReviewError(HematoVisionError, ValueError):
+    """A review names a prediction that is not part of the analysis, or an unknown label."""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One image's prediction, as stored.
+
+    Attributes:
+        filename: the client's file name (display only).
+        stored_name: the server-chosen file name under the storage folder.
+        sha256: hex digest of the uploaded bytes.
+        width: image width in pixels.
+        height: image height in pixels.
+        label: predicted class.
+        confidence: probability of ``label``.
+        probabilities: class name → probability.
+        ood_score: out-of-distribution score (larger is stranger), if the model has one.
+        needs_review: whether a person should check this image.
+        review_reasons: why it was flagged (empty when it was not).
+    """
+
+    filename: str
+    stored_name: str
+    sha256: str
+    width: int
+    height: int
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    ood_score: float | None
+    needs_review: bool
+    review_reasons: list[str]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Database:
+    """The app's SQLite file.
+
+    Args:
+        path: database file; its folder is created and the schema applied when missing.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise HematoVisionError(
+                    f"{self.path} was written by a newer HematoVision (schema {version} > {SCHEMA_VERSION})"
+                )
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # One connection stays open for the database's lifetime: otherwise every request's
+        # connection would be the last to close and would checkpoint and delete the WAL file,
+        # an fsync per request. SQLite still checkpoints on its own every 1000 pages.
+        self._keeper = sqlite3.connect(self.path, check_same_thread=False)
+        self._keeper.execute("SELECT COUNT(*) FROM analyses").fetchone()  # a read attaches it to the WAL
+
+    def close(self) -> None:
+        """Close the long-lived connection (the WAL is checkpointed if no one else has the file open)."""
+        self._keeper.close()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below), never implicit.
+        connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two writers queue instead of failing
+        # half-way with "database is locked" when one upgrades a read lock.
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def add_analysis(self, sample: str, model: str, records: Sequence[PredictionRecord]) -> int:
+        """Store an analysis and all its predictions in one transaction; return its id."""
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "INSERT INTO analyses (created_at, sample, model, n_images) VALUES (?, ?, ?, ?)",
+                (_now(), sample, model, len(records)),
+            )
+            analysis_id = int(cursor.lastrowid or 0)
+            connection.executemany(
+                "INSERT INTO predictions (analysis_id, position, filename, stored_name, sha256, width, height,"
+                " label, confidence, probabilities, ood_score, needs_review, review_reasons)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (analysis_id, position, r.filename, r.stored_name, r.sha256, r.width, r.height, r.label,
+                     float(r.confidence), json.dumps(r.probabilities), r.ood_score, int(r.needs_review),
+                     json.dumps(r.review_reasons))
+                    for position, r in enumerate(records)
+                ],
+            )
+        return analysis_id
+
+    def get_analysis(self, analysis_id: int) -> dict[str, Any]:
+        """An analysis with its predictions, review status and differential count.
+
+        Raises:
+            NotFoundError: no analysis has this id.
+        """
+        with self._connect() as connection:
+            row = connection.execute(_ANALYSIS_SELECT + " WHERE a.id = ?", (analysis_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"analysis {analysis_id} does not exist")
+            predictions = connection.execute(
+                "SELECT * FROM predictions WHERE analysis_id = ? ORDER BY position", (analysis_id,)
+            ).fetchall()
+        analysis = _analysis_summary(row)
+        analysis["predictions"] = [_prediction_dict(p) for p in predictions]
+        analysis["differential"] = differential_count(analysis["predictions"])
+        return analysis
+
+    def list_analyses(
+        self, query: str = "", page: int = 1, page_size: int = 20, status: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of analyses, newest first, and the total number that match.
+
+        Args:
+            query: text searched in the sample name and the images' file names; a number also
+                matches the analysis id.
+            page: 1-based page number.
+            page_size: analyses per page.
+            status: keep only ``unreviewed``, ``partial``, ``reviewed`` or ``needs_review`` ones.
+        """
+        conditions, parameters = [], []
+        query = query.strip()
+        if query:
+            pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            condition = ("(a.sample LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM predictions q"
+                         " WHERE q.analysis_id = a.id AND q.filename LIKE ? ESCAPE '\\')")
+            parameters += [pattern, pattern]
+            if query.isdigit():
+                condition += " OR a.id = ?"
+                parameters.append(int(query))
+            conditions.append(condition + ")")
+        status_condition = {
+            None: "1", "unreviewed": "n_reviewed = 0", "partial": "n_reviewed > 0 AND n_reviewed < n_images",
+            "reviewed": "n_reviewed = n_images", "needs_review": "n_flagged_open > 0",
+        }[status]
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        base = f"SELECT * FROM ({_ANALYSIS_SELECT}{where}) WHERE {status_condition}"
+        with self._connect() as connection:
+            total = connection.execute(f"SELECT COUNT(*) FROM ({base})", parameters).fetchone()[0]
+            rows = connection.execute(
+                base + " ORDER BY id DESC LIMIT ? OFFSET ?", [*parameters, page_size, (page - 1) * page_size]
+            ).fetchall()
+        return [_analysis_summary(row) for row in rows], int(total)
+
+    def get_prediction(self, prediction_id: int) -> dict[str, Any]:
+        """One stored prediction (with ``stored_name``).
+
+        Raises:
+            NotFoundError: no prediction has this id.
+        """
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"prediction {prediction_id} does not exist")
+        return _prediction_dict(row)
+
+    def review(
+        self,
+        analysis_id: int,
+        labels: dict[int, str],
+        reviewer: str,
+        allowed_labels: Sequence[str],
+        expected_version: int | None = None,
+    ) -> int:
+        """Set the reviewed label of some predictions of one analysis, atomically.
+
+        Concurrent reviews of the same analysis are serialised by the write lock; each is
+        applied whole, logged in ``reviews``, and bumps the analysis ``version``.
+
+        Args:
+            analysis_id: the analysis.
+            labels: prediction id → reviewed label (the predicted one to confirm it).
+            reviewer: who reviewed (free text).
+            allowed_labels: the class names plus :data:`EXCLUDED`.
+            expected_version: when given, the review is refused if the analysis changed since.
+
+        Returns:
+            The analysis's new version.
+
+        Raises:
+            NotFoundError: no such analysis.
+            ReviewError: an unknown label or a prediction of another analysis.
+            ConflictError: ``expected_version`` is not the current version.
+        """
+        unknown = sorted({label for label in labels.values() if label not in allowed_labels})
+        if unknown:
+            raise ReviewError(f"unknown label(s) {unknown}; use one of {list(allowed_labels)}")
+        now = _now()
+        with self._transaction() as connection:
+            row = connection.execute("SELECT version FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"analysis {analysis_id} does not exist")
+            if expected_version is not None and expected_version != row["version"]:
+                raise ConflictError(
+                    f"analysis {analysis_id} is at version {row['version']}, not {expected_version}; reload it"
+                )
+            current = {
+                r["id"]: (r["reviewed_label"] or r["label"])
+                for r in connection.execute("SELECT id, label, reviewed_label FROM predictions WHERE analysis_id = ?",
+                                            (analysis_id,))
+            }
+            foreign = sorted(set(labels) - set(current))
+            if foreign:
+                raise ReviewError(f"prediction(s) {foreign} are not part of analysis {analysis_id}")
+            for prediction_id, label in labels.items():
+                connection.execute(
+                    "UPDATE predictions SET reviewed_label = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
+                    (label, reviewer, now, prediction_id),
+                )
+                connection.execute(
+                    "INSERT INTO reviews (analysis_id, prediction_id, label, previous_label, reviewer, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (analysis_id, prediction_id, label, current[prediction_id], reviewer, now),
+                )
+            version = int(row["version"]) + 1
+            connection.execute("UPDATE analyses SET version = ? WHERE id = ?", (version, analysis_id))
+        return version
+
+    def review_log(self, analysis_id: int) -> list[dict[str, Any]]:
+        """Every review action on an analysis, oldest first."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT * FROM reviews WHERE analysis_id = ? ORDER BY id", (analysis_id,)
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+
+_ANALYSIS_SELECT = """
+SELECT a.*,
+       (SELECT COUNT(*) FROM predictions p WHERE p.analysis_id = a.id AND p.reviewed_label IS NOT NULL) AS n_reviewed,
+       (SELECT COUNT(*) FROM predictions p WHERE p.analysis_id = a.id AND p.needs_review = 1) AS n_flagged,
+       (SELECT COUNT(*) FROM predictions p WHERE p.analysis_id = a.id AND p.needs_review = 1
+            AND p.reviewed_label IS NULL) AS n_flagged_open
+FROM analyses a
+"""
+
+
+def _analysis_summary(row: sqlite3.Row) -> dict[str, Any]:
+    n_images, n_reviewed = int(row["n_images"]), int(row["n_reviewed"])
+    status = "unreviewed" if n_reviewed == 0 else "reviewed" if n_reviewed >= n_images else "partial"
+    return {
+        "id": int(row["id"]),
+        "created_at": row["created_at"],
+        "sample": row["sample"],
+        "model": row["model"],
+        "n_images": n_images,
+        "n_reviewed": n_reviewed,
+        "n_needs_review": int(row["n_flagged"]),
+        "review_status": status,
+        "version": int(row["version"]),
+    }
+
+
+def _prediction_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": int(row["id"]),
+        "position": int(row["position"]),
+        "filename": row["filename"],
+        "stored_name": row["stored_name"],
+        "sha256": row["sha256"],
+        "width": int(row["width"]),
+        "height": int(row["height"]),
+        "label": row["label"],
+        "confidence": float(row["confidence"]),
+        "probabilities": json.loads(row["probabilities"]),
+        "ood_score": row["ood_score"],
+        "needs_review": bool(row["needs_review"]),
+        "review_reasons": json.loads(row["review_reasons"]),
+        "reviewed_label": row["reviewed_label"],
+        "reviewer": row["reviewer"],
+        "reviewed_at": row["reviewed_at"],
+        "final_label": row["reviewed_label"] or row["label"],
+    }
+
+
+def differential_count(predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Number and percentage per class of the final labels (reviewed label when there is one).
+
+    Images reviewed as :data:`EXCLUDED` are counted apart and left out of the percentages.
+    """
+    counts: dict[str, int] = {}
+    for labels in predictions[0]["probabilities"] if predictions else []:
+        counts[labels] = 0
+    excluded = 0
+    for prediction in predictions:
+        label = prediction["final_label"]
+        if label == EXCLUDED:
+            excluded += 1
+        else:
+            counts[label] = counts.get(label, 0) + 1
+    total = sum(counts.values())
+    return {
+        "total": total,
+        "excluded": excluded,
+        "counts": counts,
+        "percent": {label: (100.0 * n / total if total else 0.0) for label, n in counts.items()},
+    }

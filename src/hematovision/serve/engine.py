@@ -1,0 +1,239 @@
+"""The served model: preprocessing, batched inference (ONNX Runtime or PyTorch), review flags, Grad-CAM.
+
+The engine is built once at start-up from a predictor (see ``hematovision.predict``) and
+is then used from two places: the micro-batcher's single inference thread
+(:meth:`Engine.run_batch`) and, for heat maps, request threads (:meth:`Engine.heatmap`).
+A lock keeps the PyTorch model to one caller at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from hematovision.data.transforms import Preprocessing, normalize, resize
+from hematovision.errors import HematoVisionError
+from hematovision.export.calibrate import ReviewPolicy
+from hematovision.export.onnx import LogitsAndFeatures
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+
+
+class PredictorLike(Protocol):
+    """What the engine needs from a predictor (``hematovision.predict.Predictor`` has it)."""
+
+    class_names: list[str]
+    prep: Preprocessing
+    model: nn.Module
+    temperature: float
+    card: dict
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The model's answer for one image.
+
+    Attributes:
+        label: predicted class.
+        confidence: its calibrated probability.
+        probabilities: class → calibrated probability.
+        ood_score: out-of-distribution score (``None`` when the run has no OOD model).
+        reasons: why a person should check it; empty when no review is needed.
+    """
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    ood_score: float | None
+    reasons: list[str]
+
+    @property
+    def needs_review(self) -> bool:
+        """Whether a person should check this prediction."""
+        return bool(self.reasons)
+
+
+class Engine:
+    """Inference for the web app.
+
+    Args:
+        predictor: the loaded run (class names, preprocessing, model, temperature, card).
+        run_dir: the run folder, searched for ``model.onnx`` and the review policy.
+        backend: ``auto`` (ONNX Runtime when ``model.onnx`` exists), ``onnx``, ``int8``
+            (``model.int8.onnx``) or ``torch``.
+        threads: CPU threads for inference.
+        confidence_threshold: overrides the calibrated confidence threshold.
+        policy: overrides the policy found in ``run_dir`` (tests inject one).
+    """
+
+    def __init__(
+        self,
+        predictor: PredictorLike,
+        run_dir: str | Path | None = None,
+        backend: str = "auto",
+        threads: int = 2,
+        confidence_threshold: float | None = None,
+        policy: ReviewPolicy | None = None,
+    ) -> None:
+        self.class_names = list(predictor.class_names)
+        self.prep: Preprocessing = predictor.prep
+        self.temperature = float(getattr(predictor, "temperature", 1.0) or 1.0)
+        self.card: dict[str, Any] = dict(getattr(predictor, "card", {}) or {})
+        self.model = predictor.model.eval()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._torch_lock = threading.Lock()
+        self._wrapped = LogitsAndFeatures(self.model)
+        self._gradcam: Any = None
+        torch.set_num_threads(threads)
+
+        stale = self._stale_exports()
+        if policy is None and self.run_dir is not None and "policy" not in stale:
+            policy = ReviewPolicy.load(self.run_dir)
+        self.policy = policy or ReviewPolicy()
+        if not self.policy.calibrated:
+            log.warning("no calibrated review policy in the run folder; run `hematovision export RUN` "
+                        "to calibrate; flagging below confidence %.2f only", self.policy.confidence_threshold)
+        if confidence_threshold is not None:
+            self.policy = replace(self.policy, confidence_threshold=confidence_threshold)
+
+        self._session: Any = None
+        onnx_name = INT8_FILE if backend == "int8" else ONNX_FILE
+        onnx_path = self.run_dir / onnx_name if self.run_dir else None
+        if backend in ("onnx", "int8") and "onnx" in stale:
+            raise HematoVisionError(f"{onnx_name} was exported from other weights than model.safetensors; "
+                                    "run `hematovision export RUN` again")
+        if "onnx" in stale:
+            onnx_path = None  # auto: fall back to PyTorch rather than serve an outdated export
+        if backend in ("onnx", "int8") and (onnx_path is None or not onnx_path.is_file()):
+            raise HematoVisionError(f"backend {backend!r} needs {onnx_name} in the run folder; "
+                                    f"run `hematovision export RUN{' --int8' if backend == 'int8' else ''}`")
+        if backend in ("auto", "onnx", "int8") and onnx_path is not None and onnx_path.is_file():
+            from hematovision.export.onnx import onnx_session
+
+            self._session = onnx_session(onnx_path, threads)
+        self.backend = {"int8": "onnxruntime-int8"}.get(backend, "onnxruntime") if self._session else "pytorch"
+        self._check()
+        log.info("serving %d classes with %s at %d px", len(self.class_names), self.backend, self.prep.image_size)
+
+    def _stale_exports(self) -> set[str]:
+        """Which exported files (``onnx``, ``policy``) were made from weights other than the current ones."""
+        import json
+
+        from hematovision._io import sha256_file
+
+        if self.run_dir is None or not (self.run_dir / "model.safetensors").is_file():
+            return set()
+        current = sha256_file(self.run_dir / "model.safetensors")
+        stale = set()
+        for kind, name in (("onnx", "export.json"), ("policy", "serving.json")):
+            path = self.run_dir / name
+            recorded = json.loads(path.read_text()).get("source_sha256") if path.is_file() else None
+            if recorded and recorded != current:
+                log.warning("%s was written for other weights than %s/model.safetensors; ignoring the %s "
+                            "(run `hematovision export RUN` again)", name, self.run_dir, kind)
+                stale.add(kind)
+        return stale
+
+    def _check(self) -> None:
+        # One pass at start-up: it warms the backend (the first request is not the slow one) and
+        # catches a review policy calibrated for another model before any request fails on it.
+        size = self.prep.image_size
+        logits, features = self.forward(np.zeros((1, size, size, 3), np.uint8))
+        if logits.shape[1] != len(self.class_names):
+            raise HematoVisionError(f"the model has {logits.shape[1]} outputs but the card lists "
+                                    f"{len(self.class_names)} classes")
+        means = self.policy.class_means
+        if means is not None and means.shape[1] != features.shape[1]:
+            raise HematoVisionError(
+                f"the review policy in {self.run_dir} was calibrated on {means.shape[1]}-d features but the model "
+                f"gives {features.shape[1]}-d ones; run `hematovision export RUN` again"
+            )
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Resize an RGB uint8 image (H, W, 3) to the model input (S, S, 3); safe on any thread."""
+        return resize(image, self.prep.image_size)
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, K) and features (N, D) for prepared images (N, S, S, 3) uint8."""
+        inputs = normalize(batch, self.prep)
+        if self._session is not None:
+            logits, features = self._session.run(None, {"input": inputs.numpy()})
+            return logits, features
+        with self._torch_lock, torch.inference_mode():
+            logits_t, features_t = self._wrapped(inputs)
+        return logits_t.numpy(), features_t.numpy()
+
+    def run_batch(self, images: list[np.ndarray]) -> list[ImagePrediction]:
+        """Predict prepared images (each (S, S, 3) uint8) in one pass; the micro-batcher's ``process``."""
+        logits, features = self.forward(np.stack(images))
+        scaled = logits.astype(np.float64) / self.temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        probabilities = np.exp(scaled)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        ood = self.policy.ood_scores(features)
+        results = []
+        for i, probs in enumerate(probabilities):
+            top = int(probs.argmax())
+            score = None if ood is None else float(ood[i])
+            results.append(ImagePrediction(
+                label=self.class_names[top],
+                confidence=float(probs[top]),
+                probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
+                ood_score=score,
+                reasons=self.policy.reasons(float(probs[top]), score),
+            ))
+        return results
+
+    def heatmap(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """Grad-CAM for one image (H, W, 3) uint8; returns the (S, S) heat map in [0, 1].
+
+        Args:
+            image: the original RGB image.
+            label: class to explain; the predicted class when ``None``.
+        """
+        from hematovision.explain import GradCAM
+
+        target = None if label is None else [self.class_names.index(label)]
+        inputs = normalize(np.array(self.prepare(image)[None]), self.prep)  # a writable copy for torch
+        with self._torch_lock:
+            if self._gradcam is None:
+                self._gradcam = GradCAM(self.model)
+            cams, _ = self._gradcam(inputs, target)
+        return cams[0]
+
+    def describe(self) -> dict[str, Any]:
+        """The model card plus how it is served, for ``GET /api/v1/model``."""
+        return {
+            "class_names": self.class_names,
+            "preprocessing": self.prep.to_dict(),
+            "temperature": self.temperature,
+            "backend": self.backend,
+            "review_policy": self.policy.describe(),
+            "card": self.card,
+        }
+
+
+def load_engine(run_dir: str | Path, backend: str = "auto", threads: int = 2,
+                confidence_threshold: float | None = None) -> Engine:
+    """Load a run folder with ``hematovision.predict.Predictor`` and wrap it in an :class:`Engine`.
+
+    Raises:
+        HematoVisionError: the folder is missing or not a run folder.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HematoVisionError(f"{run_dir} is not a folder; pass a run folder made by `hematovision train`")
+    from hematovision.predict import Predictor
+
+    predictor = Predictor.from_run_dir(run_dir)
+    return Engine(predictor, run_dir, backend=backend, threads=threads, confidence_threshold=confidence_threshold)

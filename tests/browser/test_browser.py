@@ -1,0 +1,153 @@
+"""A real headless Chromium uses the page: upload, result and heat map, correction, history.
+
+Needs Debian's ``chromium`` and the Python ``playwright`` package (no downloaded browser):
+``bash .ci/install-browser.sh`` installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("HEMATOVISION_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("chromium is not installed (run .ci/install-browser.sh)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                               "(run .ci/install-browser.sh)")
+httpx = pytest.importorskip("httpx")
+from PIL import Image
+
+SERVER = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import uvicorn
+
+from hematovision.data.classes import WBC5
+from hematovision.data.transforms import Preprocessing
+from hematovision.models import create_model
+from hematovision.serve.app import create_app
+from hematovision.serve.settings import Settings
+
+torch.manual_seed(0)
+predictor = SimpleNamespace(class_names=list(WBC5), prep=Preprocessing(32), model=create_model("tiny_cnn", 5),
+                            temperature=1.0, card={"backbone": "tiny_cnn"})
+app = create_app(Settings(db=Path(sys.argv[1]), threads=1, confidence_threshold=0.99), predictor=predictor)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("browser")
+    script = folder / "server.py"
+    script.write_text(SERVER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = folder / "server.log"
+    process = subprocess.Popen([sys.executable, str(script), str(folder / "hv.db"), str(port)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield base, folder
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def test_upload_review_and_history_in_a_real_browser(server: tuple[str, Path]) -> None:
+    base, folder = server
+    image = folder / "smear cell.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(image)
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(base + "/")
+            sync_api.expect(page.locator("#model-info")).to_contain_text("5 classes")
+
+            # Upload one image with a sample name, as a user would.
+            page.locator("#file-input").set_input_files(str(image))
+            page.fill("#sample", "browser-sample")
+            page.fill("#reviewer", "tester")
+            page.click("#analyse")
+            card = page.locator("article.card").first
+            sync_api.expect(card).to_be_visible(timeout=30_000)
+            sync_api.expect(card.locator(".filename")).to_have_text("smear cell.png")
+            predicted = card.locator(".prediction .label").inner_text().strip().lower()
+            assert predicted in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+            assert card.locator(".prob").count() == 5
+            sync_api.expect(card.locator(".flag")).to_have_text("Needs review")  # threshold 0.99: flagged
+
+            # The heat map is shown and has really loaded.
+            heatmap = card.locator("img.cell")
+            sync_api.expect(heatmap).to_have_attribute("src", "/api/v1/predictions/1/heatmap.png")
+            page.wait_for_function("() => { const i = document.querySelector('img.cell');"
+                                   " return i.complete && i.naturalWidth > 0; }", timeout=30_000)
+            page.screenshot(path=str(folder / "analyse.png"), full_page=True)
+
+            # Correct the label.
+            corrected = "monocyte" if predicted != "monocyte" else "lymphocyte"
+            card.locator("select.review-label").select_option(corrected)
+            sync_api.expect(card.locator("button.confirm")).to_have_text("Correct")
+            card.locator("button.confirm").click()
+            reviewed = page.locator("article.card .reviewed")
+            sync_api.expect(reviewed).to_have_text(f"Reviewed as {corrected} by tester")
+            row = page.locator("#differential tbody tr", has_text=corrected)
+            sync_api.expect(row.locator("td").nth(1)).to_have_text("1")
+
+            # Find it in the history and open it again.
+            page.click("nav >> text=History")
+            page.fill("#search", "browser-sample")
+            page.click("#search-form button")
+            history_row = page.locator("#history tbody tr").first
+            sync_api.expect(history_row).to_contain_text("browser-sample")
+            sync_api.expect(history_row).to_contain_text("reviewed (1/1)")
+            page.screenshot(path=str(folder / "history.png"), full_page=True)
+            history_row.locator("text=Open").click()
+            sync_api.expect(page.locator("article.card .reviewed")).to_have_text(
+                f"Reviewed as {corrected} by tester")
+            # The OpenAPI docs render offline from the locally served Swagger UI.
+            if httpx.get(f"{base}/docs-assets/swagger-ui-bundle.js", timeout=10).status_code == 200:
+                page.goto(base + "/docs")
+                sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("HematoVision",
+                                                                                        timeout=30_000)
+                sync_api.expect(page.locator('.opblock-summary-path[data-path="/api/v1/predict"]')).to_be_visible()
+            assert errors == []
+        finally:
+            browser.close()
+    # The server agrees with what the page showed.
+    analysis = httpx.get(f"{base}/api/v1/analyses/1", timeout=10).json()
+    assert analysis["predictions"][0]["reviewed_label"] == corrected
+    assert analysis["sample"] == "browser-sample"
