@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+# OpenMP threads that spin while waiting burn whole cores on a shared machine (PyTorch eager went
+# from ~20 to >1000 CPU-ms per image here); passive waiting must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 

@@ -154,7 +154,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="hv-load-"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": "2"}
     if args.model:
         command = [sys.executable, "-m", "hematovision", "serve", "--model", args.model, "--port", str(port),
                    "--db", str(work / "hv.db"), "--backend", args.backend, "--log-level", "warning"]

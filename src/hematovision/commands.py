@@ -110,7 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
                                 patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),
     )
     metrics = run_training(config)
-    print(_summary_line("test", metrics))
+    print(_summary_line(f"{metrics['split']} split", metrics))
     print(f"report: {args.out / 'report.md'}")
     return 0
 

@@ -124,7 +124,7 @@ def run_training(config: TrainConfig) -> dict:
     """Train, calibrate and evaluate; returns the test metrics. The run folder gets:
 
     ``split.csv``, ``train_config.json``, ``model.safetensors``, ``model_card.json``,
-    ``metrics.json`` + ``report.md`` + plots (test split), ``val_metrics.json``.
+    ``metrics.json`` + ``report.md`` + plots (test split, or validation when there is none), ``val/``.
     """
     from hematovision.evaluate.report import write_evaluation
 
@@ -216,7 +216,7 @@ def run_training(config: TrainConfig) -> dict:
     temperature = fit_temperature(logits["val"], y["val"])
     card["temperature"] = temperature
     log.info("temperature fitted on val: %.3f", temperature)
-    val_metrics = write_evaluation(out / "val", y["val"], softmax(logits["val"], temperature), class_names,
+    write_evaluation(out / "val", y["val"], softmax(logits["val"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — validation split")
     context = {"model": config.backbone, "mode": config.mode, "split": "test part of split.csv",
                "data": card["data"]["source"], "seed": config.seed, "temperature": round(temperature, 4)}
@@ -224,9 +224,12 @@ def run_training(config: TrainConfig) -> dict:
         metrics = write_evaluation(out, y["test"], softmax(logits["test"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — held-out test split", context, history)
     else:
-        log.warning("no test split: reporting validation metrics only")
-        metrics = val_metrics
-    card["metrics"] = {"split": "test" if "test" in logits else "val",
+        log.warning("no test split: the run's report is on the validation split")
+        context["split"] = "validation part of split.csv (no test split was given)"
+        metrics = write_evaluation(out, y["val"], softmax(logits["val"], temperature), class_names,
+                                   f"{config.backbone} ({config.mode}) — validation split (no test split)", context, history)
+    metrics["split"] = "test" if "test" in logits else "val"
+    card["metrics"] = {"split": metrics["split"],
                        **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
     card["train_seconds"] = time.perf_counter() - started
     write_card(out, card)
