@@ -316,9 +316,9 @@ def _plots(out_dir: Path, metrics: dict, class_names: list[str], train_images: n
     fig.savefig(out_dir / "nearest_distances.png", dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2 * len(class_names), 6, figsize=(6 * 1.1, 2 * len(class_names) * 1.2))
+    fig, axes = plt.subplots(2 * len(class_names), 4, figsize=(4 * 0.95, 2 * len(class_names) * 1.0))
     for row, name in enumerate(class_names):
-        for col in range(6):
+        for col in range(4):
             top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
             if col < len(closest[name]):
                 syn, real, dist, _ = closest[name][col]
@@ -331,7 +331,7 @@ def _plots(out_dir: Path, metrics: dict, class_names: list[str], train_images: n
         axes[2 * row, 0].set_ylabel(f"{name[:5]} syn", fontsize=7)
         axes[2 * row + 1, 0].set_ylabel("train", fontsize=7)
     fig.tight_layout(pad=0.3)
-    fig.savefig(out_dir / "closest_pairs.png", dpi=100)
+    fig.savefig(out_dir / "closest_pairs.png", dpi=80)
     plt.close(fig)
 
     aug = metrics["check5_augmentation"]["variants"]
