@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--target-accuracy", type=float, default=0.98)
+    parser.add_argument("--target-accuracy", type=float, default=0.99)
     parser.add_argument("--ood-quantile", type=float, default=0.95)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

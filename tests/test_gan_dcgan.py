@@ -104,3 +104,13 @@ def test_training_writes_a_run_and_resume_matches_an_uninterrupted_run(tmp_path)
 def test_training_refuses_images_of_the_wrong_size(tmp_path) -> None:
     with pytest.raises(HematoVisionError, match="shape"):
         train_class_gan(_tiny_images(size=32), tmp_path, GanConfig(size=64), "monocyte", progress=False)
+
+
+def test_time_budget_stops_early_and_resume_finishes(tmp_path) -> None:
+    torch.set_num_threads(1)
+    config = GanConfig(size=32, latent_dim=8, width=4, batch_size=4, iterations=3, checkpoint_every=100)
+    card = train_class_gan(_tiny_images(), tmp_path, config, "monocyte", progress=False, max_minutes=0.0)
+    # A zero budget still finishes (and checkpoints) the iteration in progress.
+    assert card["iterations"] == 1 and card["stopped_early"]
+    card = train_class_gan(_tiny_images(), tmp_path, config, "monocyte", resume=True, progress=False)
+    assert card["iterations"] == 3 and not card["stopped_early"]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hematovision.cli import main
-
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ is on sys.path (conftest.py): reuse the synthetic cells and fields of the unit tests.
 from test_segment_clustering import synthetic_cell
 from test_segment_field import DIAMETER, synthetic_field
+
+from hematovision.cli import main
 
 
 @pytest.fixture()

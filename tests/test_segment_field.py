@@ -89,6 +89,20 @@ def test_found_cells_are_cropped_square_and_classified() -> None:
     assert "2 white cells (neutrophil, neutrophil)" in result.message
 
 
+class _PlateletHappyClassifier:
+    class_names = ("neutrophil", "platelet")
+
+    def predict(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.tile([0.2, 0.8], (len(images), 1))
+
+
+def test_a_found_white_cell_is_never_typed_as_a_platelet() -> None:
+    image, _ = synthetic_field()
+    result = analyze_field(image, FieldParams(rbc_diameter=DIAMETER), _PlateletHappyClassifier())
+    assert {c.cell_type for c in result.white_cells} == {"neutrophil"}
+    assert result.white_cells[0].probabilities == {"neutrophil": pytest.approx(1.0)}
+
+
 @pytest.mark.parametrize("value", [0, 255, 200])
 def test_blank_or_saturated_field_finds_nothing(value: int) -> None:
     result = analyze_field(np.full((100, 150, 3), value, np.uint8))

@@ -73,9 +73,9 @@ def test_shape_mismatch_is_an_error() -> None:
 
 
 def test_summary_mean_and_min() -> None:
-    summary = summarize_scores([{"d": 1.0}, {"d": 0.5}])
+    summary = summarize_scores([{"name": "a", "d": 1.0}, {"name": "b", "d": 0.5}])
     assert summary["d"]["mean"] == pytest.approx(0.75)
-    assert summary["d"]["min"] == 0.5
+    assert summary["d"]["min"] == 0.5 and "name" not in summary
 
 
 def test_quantise_antialiased_mask_to_nearest_level() -> None:
@@ -123,6 +123,17 @@ def test_split_is_seeded_and_keeps_identical_images_together(tmp_path: Path) -> 
     sides = {name for name, items in split.items() for s in items if s.name in ("000", "001")}
     assert len(sides) == 1
     assert 4 <= len(split["test"]) <= 6
+
+
+def test_split_keeps_named_pairs_together(tmp_path: Path) -> None:
+    for i in range(20):
+        _write_pair(tmp_path, f"{i:03d}", (16, 16), value=20 + i)
+    samples = find_seg_samples(tmp_path)
+    pairs = [("003", "011"), ("011", "017"), ("005", "006")]
+    for seed in range(5):
+        split = split_seg_samples(samples, 0.3, 0.1, seed, same_side=pairs)
+        side = {s.name: name for name, items in split.items() for s in items}
+        assert side["003"] == side["011"] == side["017"] and side["005"] == side["006"]
 
 
 def test_crop_to_cell_is_square_around_the_labels() -> None:

@@ -23,8 +23,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8", action="store_true", help="also write a static INT8 model (ONNX Runtime QDQ)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip the review-policy calibration")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--target-accuracy", type=float, default=0.98,
-                        help="accuracy wanted among predictions not flagged as low confidence (default 0.98)")
+    parser.add_argument("--target-accuracy", type=float, default=0.99,
+                        help="accuracy wanted among predictions not flagged as low confidence (default 0.99)")
     parser.add_argument("--ood-quantile", type=float, default=0.95,
                         help="fraction of validation cells the OOD threshold accepts (default 0.95)")
     parser.add_argument("--max-train", type=int, default=3000, help="most train images for the OOD model")

@@ -54,7 +54,7 @@ def prepare_run(
     int8: bool = False,
     calibrate: bool = True,
     opset: int = 17,
-    target_accuracy: float = 0.98,
+    target_accuracy: float = 0.99,
     ood_quantile: float = 0.95,
     max_train: int = 3000,
     threads: int = 2,

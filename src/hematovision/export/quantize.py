@@ -61,6 +61,16 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration_image
             source = Path(onnx_path)
 
         def write(target: Path) -> None:
+            # ONNX Runtime's quantiser logs one INFO line per adjusted bias scale on the root logger.
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(max(level, logging.WARNING))
+            try:
+                _quantize(target)
+            finally:
+                root.setLevel(level)
+
+        def _quantize(target: Path) -> None:
             quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 

@@ -238,6 +238,12 @@ def _features(out_dir: Path, name: str, images: np.ndarray, key: dict, extractor
         if json.loads(str(stored["key"])) == key:
             log.info("%s features loaded from %s", name, cache)
             return stored["features"]
+    size = getattr(getattr(extractor, "prep", None), "image_size", None)
+    if size and images.shape[1] != size:
+        # The extractor takes arrays already at its input size: upsample the GAN-sized images.
+        from hematovision.data.transforms import resize
+
+        images = np.stack([resize(image, size) for image in images])
     features = extractor.extract(images, progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".features_{name}.tmp.npz"
@@ -356,7 +362,7 @@ def render_markdown(metrics: dict) -> str:
     names = metrics["classes"]
     config = metrics["gan_config"]
     lines = [
-        "## Setup",
+        "### Setup",
         "",
         (f"- Split: `{Path(metrics['split']).name}`; GANs trained on the train part only; "
         "checks 2, 3 and 5 test on the held-out part."),
@@ -382,7 +388,7 @@ def render_markdown(metrics: dict) -> str:
 
     c1 = metrics["check1_real_to_synthetic"]
     lines += [
-        "## 1. Real-trained classifier on synthetic cells",
+        "### 1. Real-trained classifier on synthetic cells",
         "",
         ("Logistic regression on real training features; the share of each class's synthetic cells it labels as "
         "that class, beside its recall on held-out real cells."),
@@ -395,7 +401,7 @@ def render_markdown(metrics: dict) -> str:
 
     c2 = metrics["check2_synthetic_to_real"]
     lines += [
-        "## 2. Synthetic-trained classifier on held-out real cells",
+        "### 2. Synthetic-trained classifier on held-out real cells",
         "",
         (f"Logistic regression on {metrics['n_synthetic_per_class']} synthetic cells per class only, tested on the "
         "held-out real cells, beside the same head trained on the real training cells."),
@@ -411,7 +417,7 @@ def render_markdown(metrics: dict) -> str:
 
     fd = metrics["check3_frechet"]
     lines += [
-        "## 3. Fréchet distance to held-out real cells",
+        "### 3. Fréchet distance to held-out real cells",
         "",
         (f"Reference: each class's held-out real cells (m images). Each candidate set is cut to m images at random, "
         f"{FD_REPEATS} draws (mean ± sd). Floor: real training cells of the same class. For scale: the nearest "
@@ -430,7 +436,7 @@ def render_markdown(metrics: dict) -> str:
 
     memo = metrics["check4_memorisation"]
     lines += [
-        "## 4. Memorisation: nearest real training cell",
+        "### 4. Memorisation: nearest real training cell",
         "",
         ("Cosine distance in feature space from each synthetic cell to its nearest real training cell of the class, "
         "beside the same distance for held-out real cells (new real cells the GAN never saw). A GAN that copies "
@@ -448,7 +454,7 @@ def render_markdown(metrics: dict) -> str:
     c5 = metrics["check5_augmentation"]
     variants = c5["variants"]
     lines += [
-        "## 5. Does adding synthetic cells raise recall on the scarce classes?",
+        "### 5. Does adding synthetic cells raise recall on the scarce classes?",
         "",
         "Same split, same head, same held-out test. *real*: real training cells; *real balanced*: the same with "
         "class weights inversely proportional to frequency (the free alternative); *real + synthetic*: real "

@@ -145,6 +145,7 @@ def run_segment_train(args: argparse.Namespace) -> int:
     from hematovision.segment.masks import (
         BCCD_LEVELS,
         find_seg_samples,
+        read_near_duplicates,
         split_seg_samples,
     )
     from hematovision.segment.metrics import evaluate_segmenter
@@ -159,7 +160,8 @@ def run_segment_train(args: argparse.Namespace) -> int:
         raise HematoVisionError("'segment train' needs --data DIR (images/ + masks/, or a BCCD folder)")
     samples = find_seg_samples(args.data)
     crop = args.crop_to_cell or samples[0].levels == BCCD_LEVELS
-    split = split_seg_samples(samples, args.test_fraction, args.val_fraction, args.seed)
+    # BCCD has near-duplicate frames (the same cells, shifted); they stay on one side of the split.
+    split = split_seg_samples(samples, args.test_fraction, args.val_fraction, args.seed, read_near_duplicates(args.data))
     print(f"{len(samples)} image/mask pairs: {len(split['train'])} train, {len(split['val'])} val, "
           f"{len(split['test'])} test (seed {args.seed})" + (", cropped around the labelled cell" if crop else ""))
     config = UNetConfig(
@@ -173,7 +175,8 @@ def run_segment_train(args: argparse.Namespace) -> int:
     if split["test"]:
         # With crops, the crop comes from the ground truth as in training: segmentation given a detection.
         rows, summary = evaluate_segmenter(
-            split["test"], lambda image: predict_labels(model, image, config), crop_to_cell=crop
+            split["test"], lambda image: predict_labels(model, image, config), crop_to_cell=crop,
+            binary=config.mode == "binary",
         )
         write_json(args.out / "test_metrics.json", {"split": "test", "images": len(rows), "summary": summary, "per_image": rows})
         keys = ["cell_dice", "cell_iou", "pixel_accuracy"] if args.mode == "binary" else [
@@ -194,6 +197,7 @@ def run_count(args: argparse.Namespace) -> int:
     from hematovision.predict import collect_image_paths
     from hematovision.segment.differential import CellRecord, write_differential
     from hematovision.segment.field import (
+        WHITE_CELL_TYPES,
         FieldParams,
         analyze_field,
         crop_square,
@@ -255,8 +259,9 @@ def run_count(args: argparse.Namespace) -> int:
     totals = {kind: int(np.sum([r[kind] for r in counted])) for kind in ("wbc", "rbc", "platelet")}
     summary = {"images": len(paths), "readable": len(counted), "totals": totals, "classified": len(cells)}
     if classifier is not None:
+        types = [name for name in classifier.class_names if name in WHITE_CELL_TYPES] or list(classifier.class_names)
         write_differential(
-            cells, classifier.class_names, args.out, title=f"Differential count ({len(counted)} images)",
+            cells, types, args.out, title=f"Differential count ({len(counted)} images)",
             review_below=args.review_below, images_without_cells=empty,
         )
         print(f"differential of {len(cells)} white cells: {args.out / 'differential.md'}")

@@ -100,7 +100,7 @@ def cluster_colours(
     return ColourClusters(labels=labels, centers=result.centers[order], iterations=result.iterations)
 
 
-def clusters_to_labels(clusters: np.ndarray, n_clusters: int, min_fraction: float = 0.004) -> np.ndarray:
+def clusters_to_labels(clusters: np.ndarray, min_fraction: float = 0.004) -> np.ndarray:
     """Turn lightness-ordered colour clusters into a nucleus/cytoplasm/background label map.
 
     The darkest cluster is the nucleus colour, the second darkest the cytoplasm colour, the
@@ -114,7 +114,6 @@ def clusters_to_labels(clusters: np.ndarray, n_clusters: int, min_fraction: floa
 
     Args:
         clusters: (H, W) cluster indices, 0 = darkest.
-        n_clusters: K used for clustering.
         min_fraction: smallest kept nucleus piece, as a fraction of the image area.
 
     Returns:
@@ -157,7 +156,7 @@ def segment_ekmeans(
     if _is_flat(image):
         return np.zeros(image.shape[:2], dtype=np.uint8)
     clusters = cluster_colours(image, n_clusters=n_clusters, init=init, seed=seed)
-    return clusters_to_labels(clusters.labels, n_clusters)
+    return clusters_to_labels(clusters.labels)
 
 
 def _is_flat(image: np.ndarray, min_range: int = 12) -> bool:

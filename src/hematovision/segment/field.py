@@ -30,9 +30,11 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage as ndi
 
+from hematovision.data.classes import WBC5
 from hematovision.errors import DatasetError, HematoVisionError
 
-CELL_TYPES = ("wbc", "rbc", "platelet")
+# Classes a found white cell may be given (the five of a differential, plus immature granulocytes).
+WHITE_CELL_TYPES = (*WBC5, "ig")
 _VOC_NAMES = {"wbc": "wbc", "rbc": "rbc", "platelets": "platelet", "platelet": "platelet"}
 
 
@@ -127,7 +129,8 @@ class FieldResult:
         else:
             types = ", ".join(c.cell_type for c in self.white_cells if c.cell_type)
             wbc = f"{n} white cell{'s' if n > 1 else ''}" + (f" ({types})" if types else "")
-        return f"{wbc}, {len(self.rbc_centers)} red cells, {len(self.platelets)} platelets"
+        rbc, platelets = len(self.rbc_centers), len(self.platelets)
+        return f"{wbc}, {rbc} red cell{'' if rbc == 1 else 's'}, {platelets} platelet{'' if platelets == 1 else 's'}"
 
     def rbc_boxes(self) -> list[Box]:
         """A box of one red-cell diameter around each red-cell centre."""
@@ -292,11 +295,28 @@ def find_red_cells(lab: np.ndarray, stain: np.ndarray, exclude: Sequence[Box], p
     return peaks[:, ::-1].astype(np.float64) if len(peaks) else np.zeros((0, 2))
 
 
-def classify_cells(image: np.ndarray, cells: list[WhiteCell], classifier: Classifier) -> None:
-    """Classify each white cell's square crop in place (type, probability, all probabilities)."""
+def classify_cells(
+    image: np.ndarray, cells: list[WhiteCell], classifier: Classifier, allowed: Sequence[str] | None = WHITE_CELL_TYPES
+) -> None:
+    """Classify each white cell's square crop in place (type, probability, all probabilities).
+
+    Args:
+        image: (H, W, 3) uint8 field.
+        cells: white cells found in it.
+        classifier: gives (N, K) probabilities over its ``class_names``.
+        allowed: the types a found white cell may get. A classifier trained on PBC also knows
+            platelets and erythroblasts; the finder already decided the object is a white cell,
+            so those classes are dropped and the rest renormalised. ``None`` keeps every class
+            (also done when the classifier knows none of the allowed types).
+    """
     crops = [crop_square(image, cell.box) for cell in cells]
-    probabilities = np.asarray(classifier.predict(crops))
+    probabilities = np.asarray(classifier.predict(crops), dtype=np.float64)
     names = list(classifier.class_names)
+    keep = [i for i, name in enumerate(names) if allowed is None or name in allowed]
+    if keep:
+        names = [names[i] for i in keep]
+        probabilities = probabilities[:, keep]
+        probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)
     for cell, row in zip(cells, probabilities):
         best = int(np.argmax(row))
         cell.cell_type = names[best]

@@ -178,20 +178,39 @@ def _bccd_samples(root: Path) -> list[SegSample]:
 
 
 def split_seg_samples(
-    samples: list[SegSample], test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0
+    samples: list[SegSample],
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    same_side: list[tuple[str, str]] | None = None,
 ) -> dict[str, list[SegSample]]:
     """A seeded train/val/test split that keeps pixel-identical images on one side.
 
     Images are grouped by a hash of their decoded pixels (Zheng's 112 and 139 are identical),
-    groups are shuffled with ``seed`` and cut by the fractions.
+    pairs in ``same_side`` are joined to one group, groups are shuffled with ``seed`` and cut
+    by the fractions.
+
+    Args:
+        samples: the image/mask pairs.
+        test_fraction: share of images held out for the final scores.
+        val_fraction: share used to pick the best epoch.
+        seed: shuffling seed.
+        same_side: pairs of sample names that must not be separated (e.g. BCCD's near duplicates).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``.
     """
+    key_of = {
+        s.name: hashlib.sha256(np.ascontiguousarray(load_rgb(s.image_path)).tobytes()).hexdigest() for s in samples
+    }
+    # Union the pairs' keys: every member of a pair takes the key of the pair's first member.
+    for a, b in same_side or []:
+        if a in key_of and b in key_of:
+            old, new = key_of[b], key_of[a]
+            key_of = {name: (new if key == old else key) for name, key in key_of.items()}
     groups: dict[str, list[SegSample]] = {}
     for sample in samples:
-        key = hashlib.sha256(np.ascontiguousarray(load_rgb(sample.image_path)).tobytes()).hexdigest()
-        groups.setdefault(key, []).append(sample)
+        groups.setdefault(key_of[sample.name], []).append(sample)
     keys = sorted(groups)
     np.random.default_rng(seed).shuffle(keys)
     n = len(samples)
@@ -205,6 +224,17 @@ def split_seg_samples(
             part = "train"
         split[part].extend(groups[key])
     return {name: sorted(items, key=lambda s: s.name) for name, items in split.items()}
+
+
+def read_near_duplicates(root: str | Path) -> list[tuple[str, str]]:
+    """Pairs of frame stems from ``near_duplicate_pairs_sift.csv`` in a BCCD folder (empty if absent)."""
+    import csv
+
+    path = Path(root) / "near_duplicate_pairs_sift.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [(Path(row["image_a"]).stem, Path(row["image_b"]).stem) for row in csv.DictReader(handle)]
 
 
 def crop_to_cell(image: np.ndarray, labels: np.ndarray, margin: float = 0.25) -> tuple[np.ndarray, np.ndarray]:

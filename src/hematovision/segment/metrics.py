@@ -86,7 +86,8 @@ def summarize_scores(per_image: Iterable[dict[str, float]]) -> dict[str, dict[st
     if not rows:
         raise HematoVisionError("no per-image scores to summarise")
     summary = {}
-    for key in rows[0]:
+    # Identifiers (image names) are carried along in the rows; only numbers are summarised.
+    for key in [k for k, v in rows[0].items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]:
         values = np.array([row[key] for row in rows], dtype=np.float64)
         summary[key] = {
             "mean": float(values.mean()),
@@ -112,6 +113,7 @@ def evaluate_segmenter(
     samples: Sequence[SegSample],
     segment: Callable[[np.ndarray], np.ndarray],
     crop_to_cell: bool = False,
+    binary: bool = False,
     progress: bool = True,
 ) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Score a segmentation function on image/mask pairs at each image's own size.
@@ -120,6 +122,8 @@ def evaluate_segmenter(
         samples: pairs to score (a held-out split).
         segment: maps an (H, W, 3) uint8 image to (H, W) labels 0/1/2.
         crop_to_cell: crop image and mask around the labelled cell first (BCCD frames).
+        binary: ``segment`` gives cell (1) vs background (0); the target is reduced to the same
+            two labels and only the cell scores and pixel accuracy are kept.
         progress: show a tqdm bar.
 
     Returns:
@@ -140,5 +144,10 @@ def evaluate_segmenter(
         start = time.perf_counter()
         pred = segment(image)
         elapsed = 1000.0 * (time.perf_counter() - start)
-        rows.append({"name": sample.name, **segmentation_scores(pred, target), "ms": elapsed})
+        if binary:
+            target = (target > 0).astype(np.uint8)
+        scores = segmentation_scores(pred, target)
+        if binary:
+            scores = {k: v for k, v in scores.items() if not k.startswith("nucleus")}
+        rows.append({"name": sample.name, **scores, "ms": elapsed})
     return rows, summarize_scores(rows)

@@ -95,6 +95,11 @@ class Engine:
         self._wrapped = LogitsAndFeatures(self.model)
         self._gradcam: Any = None
         torch.set_num_threads(threads)
+        # The engine's own numpy work (OOD scores) is a few small products per batch: threaded
+        # BLAS only spins there, and costs 3x the CPU of one thread while the model waits for it.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
 
         stale = self._stale_exports()
         if policy is None and self.run_dir is not None and "policy" not in stale:
