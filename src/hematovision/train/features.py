@@ -154,13 +154,14 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def extract(self, images: np.ndarray | Sequence[np.ndarray], progress: bool = False) -> np.ndarray:
-        """Features of (N, S, S, 3) uint8 images already resized to ``image_size``: (N, D) float32."""
+        """Features of RGB uint8 images (resized to ``image_size`` where needed): (N, D) float32."""
         from tqdm.auto import tqdm
 
         from hematovision.data.transforms import resize
 
-        if not isinstance(images, np.ndarray):
-            images = np.stack([resize(image, self.prep.image_size) for image in images])
+        size = self.prep.image_size
+        if not isinstance(images, np.ndarray) or images.shape[1:3] != (size, size):
+            images = np.stack([resize(image, size) for image in images])
         outputs = []
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
