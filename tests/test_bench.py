@@ -144,11 +144,23 @@ def test_frozen_encoder_cache_and_checkerboard(tmp_path: Path, home: Path) -> No
         assert len(json.loads((home / "bench_cache" / name / "index.json").read_text())) == 12
 
 
-def test_unavailable_weights_are_skipped_and_labelled(tmp_path: Path, home: Path) -> None:
+def test_unavailable_weights_are_skipped_and_labelled(tmp_path: Path, home: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_cells(tmp_path / "data", per_class=4)
     rows = run_bench(BenchConfig(models=["vgg19_transfer"], data=data, out=tmp_path / "out", folds=2, quick=True))
     assert rows[0]["model"] == "vgg19_transfer" and "not available offline" in rows[0]["skipped"]
     assert "| vgg19_transfer | not run |" in (tmp_path / "out" / "results.md").read_text()
+
+    # A skipped cell is tried again on the next run (here: pretend the weights became available).
+    calls = []
+
+    def fake_cell(name: str, data: object, plan: bench.CellPlan, *args: object) -> dict:
+        calls.append(plan.fold)
+        return {"model": name, "fold": plan.fold, "init": "ImageNet", "tests": {}}
+
+    monkeypatch.setattr(bench, "run_paper_cell", fake_cell)
+    run_bench(BenchConfig(models=["vgg19_transfer"], data=data, out=tmp_path / "out", folds=2, quick=True))
+    assert calls == ["fold0", "fold1"]
 
 
 def test_bad_input_errors(tmp_path: Path, home: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ TINY_SIZE = {"alexnet": 64}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread() -> Iterator[None]:
     # The test machine's 2 cores are shared: one thread avoids oversubscription stalls.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

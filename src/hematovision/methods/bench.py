@@ -804,7 +804,8 @@ def run_bench(config: BenchConfig, force: bool = False) -> list[dict]:
     for name in config.models:
         for plan in plans:
             path = cell_path(out, name, plan.fold)
-            if path.is_file() and not force:
+            # Skipped cells (weights unavailable) are tried again: --random-init or a network may help now.
+            if path.is_file() and not force and "skipped" not in json.loads(path.read_text()):
                 continue
             log.info("bench: %s %s", name, plan.fold)
             try:
