@@ -6,16 +6,17 @@ Measures, on random 224 px inputs (speed does not depend on content):
   * fine-tuning, seconds per pbc_dev epoch at 128 px (3,589 images), from timed steps;
   * prediction, images/s through the saved frozen network (batch 32);
   * VGG19 forward (random init, the papers' backbone), images/s, as the baseline;
-  * peak resident memory of `hematovision train` (frozen) and `hematovision predict` subprocesses.
+  * peak resident memory of `hematovision train` (frozen) and `hematovision predict` subprocesses,
+    on a synthetic 120-image set or, with --data, on a real dataset (e.g. ../shared/data/pbc_dev).
 
-Usage: python benchmarks/speed.py [--threads 2] [--out benchmarks/results/speed.json]
+Usage: python benchmarks/speed.py [--threads 2] [--data DIR] [--out benchmarks/results/speed.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,18 +36,22 @@ def images_per_second(fn, batch: int, repeats: int = 3) -> float:
 
 
 def peak_rss_mb(command: list[str]) -> tuple[float, float]:
-    """Run a command; return (its peak RSS in MB, wall seconds)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a command; return (its own peak RSS in MB, wall seconds)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024, time.perf_counter() - start
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait4 reports this child's own peak; RUSAGE_CHILDREN would be the largest of all children so far.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument("--data", type=Path, help="measure peak memory on this class-folder dataset (default: 120 synthetic images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,17 +106,20 @@ def main() -> None:
     for key in ("feature_extraction_images_per_s", "finetune_images_per_s_128px", "predict_images_per_s"):
         results[key.replace("_images_per_s", "_vs_vgg19_forward")] = results[key] / results["vgg19_forward_images_per_s"]
 
-    # Peak memory of the real commands on a small synthetic dataset.
+    # Peak memory of the real commands, each in its own process.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from synthetic import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", per_class=40, size=128)
+        data = args.data or make_dataset(Path(tmp) / "data", per_class=40, size=128)
+        name = args.data.name if args.data else "synthetic_120_images"
         cli = [sys.executable, "-m", "hematovision"]
         rss, seconds = peak_rss_mb(cli + ["train", "--data", str(data), "--out", f"{tmp}/run", "--mode", "frozen"])
-        results["train_frozen_peak_rss_mb_120_images"] = rss
+        results[f"train_frozen_peak_rss_mb_{name}"] = rss
+        results[f"train_frozen_wall_seconds_{name}"] = seconds
         rss, seconds = peak_rss_mb(cli + ["predict", f"{tmp}/run", str(data), "--out", f"{tmp}/p.csv"])
-        results["predict_peak_rss_mb_120_images"] = rss
+        results[f"predict_peak_rss_mb_{name}"] = rss
+        results[f"predict_wall_seconds_{name}"] = seconds
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

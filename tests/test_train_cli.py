@@ -70,6 +70,43 @@ def test_evaluate_and_predict(tiny_run: Path, synthetic_dataset: Path, tmp_path:
     assert set(records[0]) >= {"file", "label", "confidence", "top1", "top2", "probabilities"}
 
 
+def test_evaluate_split_reproduces_the_runs_own_test_metrics(tiny_run: Path, tmp_path: Path) -> None:
+    assert main(["evaluate", str(tiny_run), "--split", "test", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    original = json.loads((tiny_run / "metrics.json").read_text())
+    assert again["n_images"] == original["n_images"] and again["views"] == 1
+    assert again["accuracy"] == original["accuracy"]
+    assert again["log_loss"] == pytest.approx(original["log_loss"], abs=1e-5)
+
+    assert main(["evaluate", str(tiny_run), "--split", "test", "--tta", "8", "--out", str(tmp_path / "tta")]) == 0
+    with_views = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    assert with_views["views"] == 8 and with_views["n_images"] == original["n_images"]
+    from hematovision.data.images import load_rgb
+    from hematovision.predict import Predictor
+
+    image = load_rgb(next(p for p in Path(json.loads((tiny_run / "train_config.json").read_text())["data"]).rglob("*.png")))
+    one_view = Predictor.from_run_dir(tiny_run).logits([image])
+    eight_views = Predictor.from_run_dir(tiny_run, views=8).logits([image])
+    assert not np.allclose(one_view, eight_views), "the 8 views changed nothing"
+
+    assert main(["evaluate", str(tiny_run), "--split", "holdout"]) == 2
+
+
+def test_frozen_test_time_views_are_used_in_prediction_too(synthetic_dataset: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEMATOVISION_HOME", str(tmp_path / "home"))
+    out = tmp_path / "frozen_tta"
+    assert main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "frozen",
+                 "--image-size", "64", "--tta", "2"]) == 0
+    assert json.loads((out / "model_card.json").read_text())["tta"] == 2
+    assert main(["evaluate", str(out), "--split", "test", "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    original = json.loads((out / "metrics.json").read_text())
+    # Prediction averages the features of the same 2 views the head was fitted on, so the numbers match.
+    assert again["views"] == 2
+    assert again["log_loss"] == pytest.approx(original["log_loss"], abs=1e-4)
+
+
 def test_frozen_mode_with_pretrained_backbone(synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEMATOVISION_HOME", str(tmp_path / "home"))
     out = tmp_path / "frozen"

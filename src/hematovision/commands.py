@@ -84,7 +84,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--no-pretrained", action="store_true", help="start from random weights (finetune only; reported as such)")
     model.add_argument("--image-size", type=int, help="input side (default: 224 frozen, 192 finetune)")
     model.add_argument("--head", choices=["logreg", "mlp"], default="logreg", help="frozen-mode head")
-    model.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="frozen: dihedral views averaged per image")
+    model.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8],
+                       help="dihedral views (flips/90° rotations) averaged per image: in frozen features, or in "
+                            "fine-tuned logits at evaluation; prediction uses the same")
     fit = train.add_argument_group("fine-tuning")
     fit.add_argument("--epochs", type=int, default=10)
     fit.add_argument("--batch-size", type=int, default=32)
@@ -118,16 +120,22 @@ def run_train(args: argparse.Namespace) -> int:
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="evaluate a run on every image of a folder")
     evaluate.add_argument("run_dir", type=Path)
-    evaluate.add_argument("--data", type=Path, required=True, help="class-folder dataset; all of it is test data")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="class-folder dataset; all of it is test data")
+    source.add_argument("--split", help="a part of the run's own split.csv instead, e.g. test")
     evaluate.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<name>)")
+    evaluate.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
     evaluate.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from hematovision.evaluate.external import evaluate_folder
+    from hematovision.evaluate.external import evaluate_folder, evaluate_split
 
-    metrics = evaluate_folder(args.run_dir, args.data, args.out)
-    print(_summary_line(str(args.data), metrics))
+    if args.data is not None:
+        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta)
+    else:
+        metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta)
+    print(_summary_line(str(args.data or f"{args.split} split"), metrics))
     if metrics["unknown_classes"]:
         print(f"left out (unknown to the model): {', '.join(metrics['unknown_classes'])}")
     return 0
@@ -140,13 +148,14 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", type=Path, required=True, help="output .csv or .json")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
     predict.set_defaults(func=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from hematovision.predict import Predictor, collect_image_paths, predict_files, write_predictions
 
-    predictor = Predictor.from_run_dir(args.run_dir)
+    predictor = Predictor.from_run_dir(args.run_dir, args.tta)
     paths = collect_image_paths(args.paths)
     rows = predict_files(predictor, paths, args.batch_size)
     write_predictions(rows, predictor.class_names, args.out, args.top_k)

@@ -8,6 +8,7 @@ jitter, which stands in for other labs' stains and scanners.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -63,6 +64,19 @@ def dihedral(tensor: torch.Tensor, index: int) -> torch.Tensor:
     if index >= 4:
         tensor = tensor.flip(-1)
     return torch.rot90(tensor, index % 4, dims=(-2, -1))
+
+
+def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, views: int) -> torch.Tensor:
+    """``fn`` averaged over the first ``views`` dihedral views of ``batch`` (test-time augmentation).
+
+    A cell's class does not change under flips and 90° rotations, so averaging over them
+    removes the orientation noise of a single view.
+    """
+    if views not in (1, 2, 4, 8):
+        raise ValueError(f"views must be 1, 2, 4 or 8, got {views}")
+    if views == 1:
+        return fn(batch)
+    return torch.stack([fn(dihedral(batch, k)) for k in range(views)]).mean(0)
 
 
 class TrainTransform:

@@ -1,52 +1,84 @@
-"""``hematovision evaluate``: a trained run on every image of another folder (all of it is test data)."""
+"""``hematovision evaluate``: a trained run on images it did not train on.
+
+Either every image of another folder (all of it is test data), or one part of the run's own
+``split.csv`` (e.g. to re-score the held-out test split with test-time views).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hematovision._io import write_json
-from hematovision.data.folder import label_indices, load_images, scan_image_folder
+from hematovision.data.folder import Sample, label_indices, load_images, scan_image_folder
+from hematovision.data.splits import read_split_csv
 from hematovision.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
+                    views: int | None = None) -> dict:
     """Evaluate the run in ``run_dir`` on all images under ``data_dir``.
 
     Classes of ``data_dir`` that the model does not know are reported (``unknown_classes``)
     and left out; classes the model knows but ``data_dir`` lacks simply have no support.
 
+    Args:
+        views: dihedral views averaged per image (default: the run's own setting).
+
     Returns:
         The metrics dict, also written to ``out_dir/metrics.json`` with a report and plots.
     """
+    folder = scan_image_folder(data_dir)
+    out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data_dir).resolve().name}"
+    context = {"data": str(data_dir), "split": "all images of the folder (external test set)"}
+    return _evaluate_samples(run_dir, folder.samples, out, Path(data_dir).name, context, views)
+
+
+def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None = None, views: int | None = None) -> dict:
+    """Evaluate the run on one part (``test``, ``val``, ...) of its own ``split.csv``."""
+    split_file = Path(run_dir) / "split.csv"
+    if not split_file.is_file():
+        raise DatasetError(f"{run_dir} has no split.csv; give --data DIR instead")
+    rows = read_split_csv(split_file)
+    parts = sorted({part for _, part in rows})
+    samples = [sample for sample, part in rows if part == split]
+    if not samples:
+        raise DatasetError(f"split.csv of {run_dir} has no '{split}' rows; its parts are {parts}")
+    out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{split}"
+    context = {"data": str(split_file), "split": f"the '{split}' part of the run's split.csv"}
+    return _evaluate_samples(run_dir, samples, out, f"its {split} split", context, views)
+
+
+def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path, name: str, context: dict,
+                      views: int | None) -> dict:
     from hematovision.evaluate.report import write_evaluation
     from hematovision.predict import Predictor
 
-    predictor = Predictor.from_run_dir(run_dir)
-    folder = scan_image_folder(data_dir)
+    predictor = Predictor.from_run_dir(run_dir, views)
     known = set(predictor.class_names)
-    unknown = sorted(set(folder.class_names) - known)
+    unknown = sorted({sample.label for sample in samples} - known)
     if unknown:
         log.warning("classes not known to the model, left out: %s", unknown)
-    samples = [sample for sample in folder.samples if sample.label in known]
-    if not samples:
-        raise DatasetError(f"{data_dir} has no images of the model's classes {predictor.class_names}")
-    out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data_dir).resolve().name}"
-    loaded = load_images(samples, predictor.prep.image_size, desc="loading")
+    chosen = [sample for sample in samples if sample.label in known]
+    if not chosen:
+        raise DatasetError(f"{context['data']} has no images of the model's classes {predictor.class_names}")
+    loaded = load_images(chosen, predictor.prep.image_size, desc="loading")
     if not loaded.samples:
-        raise DatasetError(f"none of the {len(samples)} images in {data_dir} could be read")
+        raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
     probabilities = predictor.predict(list(loaded.images))
     labels = label_indices(loaded.samples, predictor.class_names)
     context = {
-        "run": str(run_dir), "data": str(data_dir), "split": "all images of the folder (external test set)",
+        "run": str(run_dir), **context, "test-time views": predictor.views,
         "unknown_classes": ", ".join(unknown) or "none",
-        "left_out_images": len(folder.samples) - len(samples), "unreadable_files": len(loaded.failures),
+        "left_out_images": len(samples) - len(chosen), "unreadable_files": len(loaded.failures),
     }
     metrics = write_evaluation(out, labels, probabilities, predictor.class_names,
-                               f"{predictor.card['backbone']} ({predictor.card['mode']}) on {Path(data_dir).name}", context)
+                               f"{predictor.card['backbone']} ({predictor.card['mode']}) on {name}", context)
     metrics["unknown_classes"] = unknown
     metrics["unreadable_files"] = [[str(p), reason] for p, reason in loaded.failures]
+    metrics["views"] = predictor.views
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hematovision.data.transforms import Preprocessing, dihedral, normalize
+from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
 from hematovision.models import create_model, get_model_info
 from hematovision.paths import hematovision_home
 
@@ -166,8 +166,7 @@ class FeatureExtractor:
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
             batch = normalize(images[start : start + self.batch_size], self.prep).contiguous(memory_format=torch.channels_last)
-            views = [self.module(dihedral(batch, k)) for k in range(self.tta)]
-            outputs.append(torch.stack(views).mean(0).numpy())
+            outputs.append(dihedral_mean(self.module, batch, self.tta).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, self.module.num_features), np.float32)
 
     def extract_cached(self, images: np.ndarray, file_hashes: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hematovision.data.transforms import Preprocessing, TrainTransform, normalize
+from hematovision.data.transforms import Preprocessing, TrainTransform, dihedral_mean, normalize
 from hematovision.train.checkpoint import MODEL_FILE, STATE_FILE, load_state, load_weights, save_state, save_weights
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,17 @@ def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, batch_size: int = 64,
-                   input_fn: Callable[[np.ndarray], Tensor] | None = None) -> np.ndarray:
-    """Logits for (N, S, S, 3) uint8 images already at the model's size: (N, K)."""
+                   input_fn: Callable[[np.ndarray], Tensor] | None = None, views: int = 1) -> np.ndarray:
+    """Logits for (N, S, S, 3) uint8 images already at the model's size: (N, K).
+
+    ``views`` > 1 averages the logits of that many flips/90° rotations of each image.
+    """
     model.eval()
     to_input = input_fn or (lambda batch: normalize(batch, prep))
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = to_input(images[start : start + batch_size]).contiguous(memory_format=torch.channels_last)
-        outputs.append(model(batch).float().numpy())
+        outputs.append(dihedral_mean(model, batch, views).float().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 

@@ -44,7 +44,8 @@ class TrainConfig:
         group_csv: CSV mapping file names to groups that must stay on one side of the split.
         seed: split and training seed.
         head: frozen head, ``logreg`` or ``mlp``.
-        tta: dihedral views averaged in frozen features.
+        tta: dihedral views (flips/90° rotations) averaged per image: in the features (frozen)
+            or in the logits (finetune). Saved in the model card; prediction uses the same.
         finetune: the fine-tuning settings.
         resume: continue an interrupted fine-tuning run.
     """
@@ -211,15 +212,18 @@ def run_training(config: TrainConfig) -> dict:
                           len(class_names), config.finetune, out, resume=config.resume)
         model, history = result.model, result.history
         card["finetune"] = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds}
-        logits = {part: predict_logits(model, loaded.images, prep) for part, loaded in parts.items() if len(loaded.samples)}
+        logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
+                  for part, loaded in parts.items() if len(loaded.samples)}
 
+    card["tta"] = config.tta
     temperature = fit_temperature(logits["val"], y["val"])
     card["temperature"] = temperature
     log.info("temperature fitted on val: %.3f", temperature)
     write_evaluation(out / "val", y["val"], softmax(logits["val"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — validation split")
     context = {"model": config.backbone, "mode": config.mode, "split": "test part of split.csv",
-               "data": card["data"]["source"], "seed": config.seed, "temperature": round(temperature, 4)}
+               "data": card["data"]["source"], "seed": config.seed, "temperature": round(temperature, 4),
+               "test-time views": config.tta}
     if "test" in logits:
         metrics = write_evaluation(out, y["test"], softmax(logits["test"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — held-out test split", context, history)
