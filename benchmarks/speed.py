@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,24 @@ def images_per_second(fn, batch: int, repeats: int = 3) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
+# Runs a command and prints its peak RSS (kB). It runs in a small process of its own because a
+# forked child starts with its parent's peak RSS, and this benchmark's own process holds VGG19.
+_MEASURE = """
+import os, subprocess, sys
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def peak_rss_mb(command: list[str]) -> tuple[float, float]:
     """Run a command; return (its own peak RSS in MB, wall seconds)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # wait4 reports this child's own peak; RUSAGE_CHILDREN would be the largest of all children so far.
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, command)
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+    output = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True)
+    code, max_rss_kb = map(int, output.stdout.split())
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return max_rss_kb / 1024, time.perf_counter() - start
 
 
 def main() -> None:
@@ -52,8 +59,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     parser.add_argument("--data", type=Path, help="measure peak memory on this class-folder dataset (default: 120 synthetic images)")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory part; other results in --out are kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_only:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results.update(measure_memory(args.data))
+        write_results(results, args.out)
+        return
 
     from hematovision.models import create_model
     from hematovision.train.features import FeatureExtractor
@@ -106,13 +119,19 @@ def main() -> None:
     for key in ("feature_extraction_images_per_s", "finetune_images_per_s_128px", "predict_images_per_s"):
         results[key.replace("_images_per_s", "_vs_vgg19_forward")] = results[key] / results["vgg19_forward_images_per_s"]
 
-    # Peak memory of the real commands, each in its own process.
+    results.update(measure_memory(args.data))
+    write_results(results, args.out)
+
+
+def measure_memory(data: Path | None) -> dict:
+    """Peak memory and wall time of the real ``train`` (frozen) and ``predict`` commands."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from synthetic import make_dataset
 
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_dataset(Path(tmp) / "data", per_class=40, size=128)
-        name = args.data.name if args.data else "synthetic_120_images"
+        data = data or make_dataset(Path(tmp) / "data", per_class=40, size=128)
+        name = data.name if data.name != "data" else "synthetic_120_images"
         cli = [sys.executable, "-m", "hematovision"]
         rss, seconds = peak_rss_mb(cli + ["train", "--data", str(data), "--out", f"{tmp}/run", "--mode", "frozen"])
         results[f"train_frozen_peak_rss_mb_{name}"] = rss
@@ -120,9 +139,12 @@ def main() -> None:
         rss, seconds = peak_rss_mb(cli + ["predict", f"{tmp}/run", str(data), "--out", f"{tmp}/p.csv"])
         results[f"predict_peak_rss_mb_{name}"] = rss
         results[f"predict_wall_seconds_{name}"] = seconds
+    return results
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+def write_results(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:{width}}  {value:.2f}" if isinstance(value, float) else f"{key:{width}}  {value}")

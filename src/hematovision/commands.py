@@ -92,6 +92,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--balance", choices=["loss", "sampler", "none"], default="loss")
+    fit.add_argument("--strong-augment", action="store_true",
+                     help="also zoom out, blur, lower resolution and shift stains: for images from other labs and scanners")
     fit.add_argument("--patience", type=int, default=4)
     fit.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -109,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         classes=args.classes.split(",") if args.classes else None, group_csv=args.group_csv, seed=args.seed,
         head=args.head, tta=args.tta, resume=args.resume,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
-                                patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),
+                                strong_augment=args.strong_augment, patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),
     )
     metrics = run_training(config)
     print(_summary_line(f"{metrics['split']} split", metrics))

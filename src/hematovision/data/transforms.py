@@ -87,27 +87,63 @@ class TrainTransform:
         scale: range of the area fraction kept by the random crop.
         color_jitter: strength of brightness/contrast/saturation changes (0 disables them);
             hue moves by a tenth of it.
+        strong: also prepare for other labs' images: wider zoom in and out, blur and lost
+            resolution (other scanners and magnifications), stronger stain and colour changes.
     """
 
-    def __init__(self, prep: Preprocessing, scale: tuple[float, float] = (0.75, 1.0), color_jitter: float = 0.15) -> None:
+    def __init__(self, prep: Preprocessing, scale: tuple[float, float] = (0.75, 1.0), color_jitter: float = 0.15,
+                 strong: bool = False) -> None:
         self.prep = prep
-        self.scale = scale
-        self.color_jitter = color_jitter
+        self.scale = (0.1, 1.0) if strong else scale
+        self.color_jitter = max(color_jitter, 0.3) if strong else color_jitter
+        self.strong = strong
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         height, width = image.shape[:2]
         fraction = rng.uniform(*self.scale)
         side_h, side_w = max(1, round(height * fraction**0.5)), max(1, round(width * fraction**0.5))
-        top = int(rng.integers(0, height - side_h + 1))
-        left = int(rng.integers(0, width - side_w + 1))
+        if self.strong:
+            # Close zooms must still hold the cell, which single-cell images have near the centre.
+            top = _near_centre(height, side_h, rng)
+            left = _near_centre(width, side_w, rng)
+        else:
+            top = int(rng.integers(0, height - side_h + 1))
+            left = int(rng.integers(0, width - side_w + 1))
         crop = resize(np.ascontiguousarray(image[top : top + side_h, left : left + side_w]), self.prep.image_size)
+        if self.strong:
+            crop = _degrade(crop, rng)
         tensor = torch.as_tensor(crop).movedim(-1, 0).float().div_(255.0)
         tensor = dihedral(tensor, int(rng.integers(0, 8)))
         if self.color_jitter > 0:
             tensor = _jitter_colors(tensor, rng, self.color_jitter)
+        if self.strong:
+            # Stains differ between labs channel by channel, not only in overall hue.
+            tensor = (tensor * torch.as_tensor(rng.uniform(0.9, 1.1, 3), dtype=torch.float32).view(3, 1, 1)).clamp_(0, 1)
         mean = torch.tensor(self.prep.mean).view(3, 1, 1)
         std = torch.tensor(self.prep.std).view(3, 1, 1)
         return (tensor - mean) / std
+
+
+def _near_centre(length: int, side: int, rng: np.random.Generator) -> int:
+    """Start of a window of ``side`` whose centre is within 10% of ``length`` of the middle."""
+    start = (length - side) / 2 + rng.uniform(-0.1, 0.1) * length
+    return int(np.clip(round(start), 0, length - side))
+
+
+def _degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Zoom out (cell smaller, the border colour around it) and/or lose resolution, at random."""
+    size = image.shape[0]
+    if rng.random() < 0.3:
+        inner = max(8, round(size / rng.uniform(1.0, 1.6)))
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        canvas = np.empty_like(image)
+        canvas[:] = np.median(border, axis=0).astype(np.uint8)
+        offset = (size - inner) // 2
+        canvas[offset : offset + inner, offset : offset + inner] = resize(image, inner)
+        image = canvas
+    if rng.random() < 0.5:
+        image = resize(resize(image, max(8, round(size / rng.uniform(1.5, 3.5)))), size)
+    return image
 
 
 def _jitter_colors(tensor: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:

@@ -39,6 +39,8 @@ class FinetuneConfig:
         balance: ``loss`` (inverse-frequency class weights), ``sampler`` (balanced sampling) or ``none``.
         augment: random crops, flips/rotations and colour jitter on training images.
         color_jitter: strength of the colour jitter.
+        strong_augment: also zoom out, blur, lower the resolution and shift stains, for images
+            from other labs and scanners (see ``TrainTransform``).
         patience: stop when validation balanced accuracy has not improved for this many epochs.
         freeze_backbone_epochs: train only the classifier for this many first epochs.
         seed: seeds weights of new layers, augmentation and batch order.
@@ -56,6 +58,7 @@ class FinetuneConfig:
     balance: str = "loss"
     augment: bool = True
     color_jitter: float = 0.15
+    strong_augment: bool = False
     patience: int = 4
     freeze_backbone_epochs: int = 0
     seed: int = 0
@@ -170,7 +173,7 @@ def finetune(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = model.to(memory_format=torch.channels_last)
-    augment = train_transform or (TrainTransform(prep, color_jitter=config.color_jitter) if config.augment else None)
+    augment = train_transform or (TrainTransform(prep, color_jitter=config.color_jitter, strong=config.strong_augment) if config.augment else None)
     to_input = input_fn or (lambda batch: normalize(batch, prep))
 
     counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
