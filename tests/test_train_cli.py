@@ -226,3 +226,10 @@ def test_given_split_folders(synthetic_dataset: Path, tmp_path: Path) -> None:
     parts = [row["split"] for row in csv.DictReader(open(out / "split.csv"))]
     assert parts.count("test") == 9 and parts.count("val") > 0
     assert np.isclose(json.loads((out / "metrics.json").read_text())["n_images"], 9)
+
+
+def test_strong_augment_flag_reaches_the_model_card(synthetic_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "strong"
+    assert main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "finetune", "--backbone", "tiny_cnn",
+                 "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--strong-augment"]) == 0
+    assert json.loads((out / "model_card.json").read_text())["finetune"]["strong_augment"] is True
