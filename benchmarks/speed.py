@@ -130,8 +130,8 @@ def measure_memory(data: Path | None) -> dict:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        name = data.name if data else "synthetic_120_images"
         data = data or make_dataset(Path(tmp) / "data", per_class=40, size=128)
-        name = data.name if data.name != "data" else "synthetic_120_images"
         cli = [sys.executable, "-m", "hematovision"]
         rss, seconds = peak_rss_mb(cli + ["train", "--data", str(data), "--out", f"{tmp}/run", "--mode", "frozen"])
         results[f"train_frozen_peak_rss_mb_{name}"] = rss

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hematovision.cli import main
@@ -27,12 +25,7 @@ from hematovision.methods.bench import (
 COLORS = {"lymphocyte": (180, 60, 60), "monocyte": (60, 170, 60), "neutrophil": (60, 60, 190)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cells(root: Path, per_class: int = 6, seed: int = 0, prefix: str = "") -> Path:

@@ -28,14 +28,6 @@ from hematovision.models import create_model
 CLASSES = ["lymphocyte", "neutrophil"]
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_logits_and_features_wrapper_leaves_the_model_untouched() -> None:
     model = create_model("tiny_cnn", 3).eval()
     logits, features = LogitsAndFeatures(model)(torch.randn(2, 3, 32, 32))

@@ -33,15 +33,6 @@ def synthetic_smear(rng: np.random.Generator, label: int) -> tuple[np.ndarray, n
     return image.clip(0, 255).astype(np.uint8), cell
 
 
-@pytest.fixture()
-def one_thread():
-    # Tiny tensors: extra threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gradcam_highlights_the_cell_not_the_background(one_thread: None) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ PAPER_MODELS = ["wnet", "wnet_svm", "cnn_bccd", "rnn_rows", "cnn_lstm", "cnn_gru
 TINY_SIZE = {"alexnet": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The test machine's 2 cores are shared: one thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

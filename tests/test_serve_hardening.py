@@ -79,6 +79,15 @@ def count_rows(client: TestClient) -> tuple[int, int]:
                 connection.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
 
+def _run_in_threads(target, count: int) -> None:
+    """Call ``target(worker)`` for workers 0..count-1 at once, each in its own thread; wait for all."""
+    threads = [threading.Thread(target=target, args=(worker,)) for worker in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def assert_clean_error(response, status: int, *words: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -316,11 +325,7 @@ def test_concurrent_reviews_of_one_analysis(tmp_path: Path) -> None:
                                               "labels": [{"prediction_id": pid, "label": label} for pid in ids]})
             statuses.append(response.status_code)
 
-        threads = [threading.Thread(target=review, args=(w,)) for w in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_in_threads(review, 8)
         assert statuses == [200] * 8
         analysis = client.get(f"/api/v1/analyses/{body['analysis_id']}").json()
         assert analysis["version"] == 8  # each review applied whole, one after another
@@ -339,11 +344,7 @@ def test_concurrent_reviews_of_one_analysis(tmp_path: Path) -> None:
                                               "labels": [{"prediction_id": ids[0], "label": WBC5[worker]}]})
             results.append(response.status_code)
 
-        threads = [threading.Thread(target=guarded, args=(w,)) for w in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_in_threads(guarded, 4)
         assert sorted(results) == [200, 409, 409, 409]
 
 
