@@ -68,6 +68,9 @@ def test_train_errors_are_one_line_exit_2(trained, tmp_path, capsys) -> None:
     assert main(["gan", "train", "--data", str(data), "--class", "eosinophil", "--out", str(tmp_path), *TRAIN]) == 2
     assert "eosinophil" in capsys.readouterr().err
     assert main(["gan", "sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "s")]) == 2
+    assert main(["gan", "train", "--data", str(data), "--class", "basophil", "--out", str(tmp_path / "new"),
+                 "--augment", "mixup", *TRAIN]) == 2
+    assert "unknown GAN augmentation" in capsys.readouterr().err
 
 
 class _PixelFeatures:
@@ -90,13 +93,14 @@ def test_report_runs_all_five_checks(trained, tmp_path) -> None:
     split = write_split_csv(tmp_path / "split.csv", samples, parts, [str(i) for i in range(len(samples))])
     path = build_report(run, split, tmp_path / "report", n_synthetic=20, extractor=_PixelFeatures())
     text = path.read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## Diversity", "## 5."):
         assert heading in text
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["test_counts"] == {"basophil": 4, "neutrophil": 5}
     # Basophil (6 training images) is topped up to neutrophil's 11.
     assert metrics["check5_augmentation"]["synthetic_added"] == {"basophil": 5}
     assert 0.0 <= metrics["check1_real_to_synthetic"]["overall"] <= 1.0
+    assert all(0.0 <= entry["synthetic"] <= 2.0 and entry["real_train"] > 0 for entry in metrics["diversity"].values())
     for name in ("real_vs_synthetic.png", "frechet.png", "nearest_distances.png", "closest_pairs.png",
                  "augmentation_recall.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
@@ -116,3 +120,16 @@ def test_report_runs_all_five_checks(trained, tmp_path) -> None:
     assert Counting.calls == 1 and np.array_equal(first, again)
     _features(tmp_path / "cache", "real", images, {"k": 2}, Counting())
     assert Counting.calls == 2
+
+
+def test_discriminator_and_augment_options_reach_the_card(trained, tmp_path) -> None:
+    import json
+
+    data, run = trained
+    config = json.loads((run / "basophil" / "gan_card.json").read_text())["config"]
+    assert (config["spectral_norm"], config["minibatch_std"], config["augment"]) == (False, True, "translation,cutout")
+    out = tmp_path / "plain"
+    assert main(["gan", "train", "--data", str(data), "--class", "basophil", "--out", str(out), "--no-minibatch-std",
+                 "--spectral-norm", "--augment", "color", *TRAIN]) == 0
+    config = json.loads((out / "basophil" / "gan_card.json").read_text())["config"]
+    assert (config["spectral_norm"], config["minibatch_std"], config["augment"]) == (True, False, "color")

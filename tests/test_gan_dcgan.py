@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hematovision.errors import HematoVisionError
-from hematovision.gan.dcgan import Discriminator, Generator
+from hematovision.gan.dcgan import Discriminator, Generator, MinibatchStd
 from hematovision.gan.train import (
     GanConfig,
     build_models,
@@ -23,13 +23,44 @@ from hematovision.gan.train import (
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
-def test_generator_and_discriminator_shapes(size: int) -> None:
+@pytest.mark.parametrize("stabilised", [False, True])
+def test_generator_and_discriminator_shapes(size: int, stabilised: bool) -> None:
     generator = Generator(size=size, latent_dim=16, width=4)
-    discriminator = Discriminator(size=size, width=4)
+    discriminator = Discriminator(size=size, width=4, spectral_norm=stabilised, minibatch_std=stabilised)
     images = generator(torch.randn(3, 16))
     assert images.shape == (3, 3, size, size)
     assert images.min() >= -1 and images.max() <= 1  # tanh range
     assert discriminator(images).shape == (3,)
+    has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules())
+    assert has_batch_norm != stabilised
+
+
+def test_spectral_norm_keeps_each_convolution_at_unit_gain() -> None:
+    torch.manual_seed(0)
+    _, discriminator = build_models(GanConfig(size=32, latent_dim=8, width=4, spectral_norm=True))
+    for _ in range(30):  # each training-mode forward runs one power-iteration step
+        discriminator(torch.randn(2, 3, 32, 32))
+    convs = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        weight = conv.weight.detach().flatten(1)
+        assert torch.linalg.matrix_norm(weight, ord=2).item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_minibatch_std_channel_measures_the_batch_spread() -> None:
+    same = torch.ones(4, 2, 3, 3)
+    assert torch.allclose(MinibatchStd()(same)[:, 2], torch.full((4, 3, 3), 1e-4))
+    two = torch.stack([torch.zeros(2, 3, 3), torch.full((2, 3, 3), 2.0)])  # std 1 everywhere
+    out = MinibatchStd()(two)
+    assert out.shape == (2, 3, 3, 3)
+    assert torch.allclose(out[:, 2], torch.ones(2, 3, 3), atol=1e-6)
+
+
+def test_configs_saved_before_the_stabilised_discriminator_load_as_plain_dcgan() -> None:
+    legacy = GanConfig.from_dict({"size": 64, "width": 32, "iterations": 1500})
+    assert (legacy.spectral_norm, legacy.minibatch_std, legacy.augment) == (False, False, "")
+    current = GanConfig()
+    assert GanConfig.from_dict(current.__dict__) == current
 
 
 def test_unsupported_size_is_refused() -> None:
@@ -114,3 +145,14 @@ def test_time_budget_stops_early_and_resume_finishes(tmp_path) -> None:
     assert card["iterations"] == 1 and card["stopped_early"]
     card = train_class_gan(_tiny_images(), tmp_path, config, "monocyte", resume=True, progress=False)
     assert card["iterations"] == 3 and not card["stopped_early"]
+
+
+def test_resume_keeps_the_discriminator_the_run_started_with(tmp_path) -> None:
+    torch.set_num_threads(1)
+    plain = GanConfig(size=32, latent_dim=8, width=4, batch_size=4, iterations=2, spectral_norm=False,
+                      minibatch_std=False, augment="")
+    train_class_gan(_tiny_images(), tmp_path, plain, "monocyte", progress=False)
+    longer = GanConfig(size=32, latent_dim=8, width=4, batch_size=4, iterations=3, spectral_norm=True)
+    card = train_class_gan(_tiny_images(), tmp_path, longer, "monocyte", resume=True, progress=False)
+    assert card["iterations"] == 3
+    assert (card["config"]["spectral_norm"], card["config"]["minibatch_std"], card["config"]["augment"]) == (False, False, "")

@@ -93,3 +93,14 @@ def test_linear_probe_separates_separable_classes() -> None:
     labels = np.array([0] * 30 + [1] * 30)
     probe = quality.fit_linear_probe(features, labels)
     assert np.mean(probe.predict(features) == labels) == 1.0
+
+
+def test_mean_pairwise_distance_of_known_sets() -> None:
+    from hematovision.gan.quality import mean_pairwise_distance
+
+    assert mean_pairwise_distance(np.ones((5, 3))) == pytest.approx(0.0, abs=1e-12)
+    assert mean_pairwise_distance(np.eye(4)) == pytest.approx(1.0)  # orthogonal rows
+    # Two copies of a and one b orthogonal to it: pairs (a, a) 0, (a, b) 1 twice -> 2/3.
+    assert mean_pairwise_distance(np.array([[1.0, 0], [2.0, 0], [0, 3.0]])) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        mean_pairwise_distance(np.ones((1, 3)))

@@ -33,6 +33,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     settings.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     settings.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4)")
     settings.add_argument("--sample-every", type=int, default=None, help="save a sample grid every N steps")
+    settings.add_argument("--augment", default=None,
+                          help="DiffAugment operations for the discriminator's inputs, from color, translation, "
+                               "cutout (default 'translation,cutout'; '' for none)")
+    settings.add_argument("--dropout", type=float, default=None,
+                          help="discriminator dropout after each block (default 0: DiffAugment regularises)")
+    settings.add_argument("--no-minibatch-std", action="store_true",
+                          help="leave out the discriminator's minibatch standard-deviation channel")
+    settings.add_argument("--spectral-norm", action="store_true",
+                          help="spectrally normalised discriminator convolutions instead of batch norm")
     settings.add_argument("--seed", type=int, default=0)
     settings.add_argument("--threads", type=int, default=2,
                           help="torch CPU threads (use 1 on a busy machine: small convolutions gain little from more)")
@@ -110,6 +119,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from hematovision._io import write_json
     from hematovision.data.folder import load_images
+    from hematovision.errors import HematoVisionError
+    from hematovision.gan.augment import parse_policy
     from hematovision.gan.train import GanConfig, train_class_gan
 
     torch.set_num_threads(max(1, args.threads))
@@ -117,9 +128,15 @@ def run_train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     overrides = {
         "size": args.size, "iterations": args.iterations, "width": args.width, "batch_size": args.batch_size,
-        "lr": args.lr, "sample_every": args.sample_every, "seed": args.seed,
+        "lr": args.lr, "sample_every": args.sample_every, "seed": args.seed, "augment": args.augment,
+        "dropout": args.dropout,
     }
+    overrides.update(spectral_norm=args.spectral_norm, minibatch_std=not args.no_minibatch_std)
     config = GanConfig(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        parse_policy(config.augment)
+    except ValueError as error:
+        raise HematoVisionError(str(error)) from None
     per_class = _training_samples(args)
     cards = {}
     started = time.perf_counter()

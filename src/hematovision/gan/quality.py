@@ -135,6 +135,21 @@ def leave_one_out_nearest(features: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
 
 
+def mean_pairwise_distance(features: np.ndarray) -> float:
+    """Mean cosine distance between all pairs of distinct rows: 0 when every row is the same picture.
+
+    A collapsed generator gives near-identical cells for different latent vectors, so this is
+    far below the same measure on real cells of the class.
+    """
+    n = len(features)
+    if n < 2:
+        raise ValueError("the pairwise distance needs at least two rows")
+    normed = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    similarity = normed @ normed.T
+    off_diagonal = similarity.sum() - np.trace(similarity)
+    return float(np.clip(1.0 - off_diagonal / (n * (n - 1)), 0.0, 2.0))
+
+
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, class_weight: str | None = None, c: float = 1.0,
                      seed: int = 0):
     """A standardised logistic-regression head on frozen features (scikit-learn pipeline).

@@ -185,6 +185,12 @@ def build_report(
         closest[name] = [(synthetic_images[syn_idx[i]], train_images[train_idx[nn_syn[i]]], float(d_syn[i]),
                           train_names[train_idx[nn_syn[i]]]) for i in order]
     metrics["check4_memorisation"] = memo
+    # Diversity: how different the synthetic cells of a class are from each other, against real cells.
+    metrics["diversity"] = {
+        name: {"synthetic": quality.mean_pairwise_distance(f_syn[y_syn == index[name]]),
+               "real_train": quality.mean_pairwise_distance(f_train[y_train == index[name]])}
+        for name in class_names
+    }
 
     # Check 5: top the scarce classes up to the largest class with synthetic cells.
     scarce = [name for name in scarce_classes if name in index]
@@ -353,6 +359,15 @@ def _plots(out_dir: Path, metrics: dict, class_names: list[str], train_images: n
     plt.close(fig)
 
 
+def _discriminator_text(config: dict) -> str:
+    # Runs saved before these options existed hold none of them: the plain DCGAN.
+    parts = ["spectral norm" if config.get("spectral_norm") else "batch norm"]
+    if config.get("minibatch_std"):
+        parts.append("minibatch std")
+    parts.append(f"DiffAugment {config['augment']}" if config.get("augment") else "no augmentation")
+    return ", ".join(parts)
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -371,7 +386,8 @@ def render_markdown(metrics: dict) -> str:
         f"→ {metrics['feature_dim']}-d features."),
         (f"- GAN: DCGAN width {config['width']}, latent {config['latent_dim']}, batch {config['batch_size']}, "
         f"up to {config['iterations']} iterations (done: see table), Adam lr {config['lr']}, β1 {config['beta1']}, "
-        f"dropout {config['dropout']}, real label {config['real_label']}; "
+        f"dropout {config['dropout']}, real label {config['real_label']}, "
+        f"discriminator {_discriminator_text(config)}; "
         f"{metrics['n_synthetic_per_class']} synthetic cells per class (seed {metrics['seed']})."),
         "",
         "| class | real train | real held-out | GAN iterations | GAN training time |",
@@ -450,6 +466,21 @@ def render_markdown(metrics: dict) -> str:
               f"{memo[n]['heldout_median']:.3f} | {memo[n]['heldout_p5']:.3f} | {memo[n]['heldout_min']:.3f} | "
               f"{_pct(memo[n]['synthetic_below_heldout_p5'])} |" for n in names]
     lines.append("")
+
+    diversity = metrics.get("diversity")
+    if diversity:
+        lines += [
+            "### Diversity: are the synthetic cells different from each other?",
+            "",
+            ("Mean cosine distance between all pairs of cells of a class, in the same feature space. A generator that "
+            "has collapsed onto a few cells scores far below the real training cells."),
+            "",
+            "| class | synthetic | real train | synthetic / real |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {n} | {diversity[n]['synthetic']:.3f} | {diversity[n]['real_train']:.3f} | "
+                  f"{diversity[n]['synthetic'] / diversity[n]['real_train']:.2f} |" for n in names]
+        lines.append("")
 
     c5 = metrics["check5_augmentation"]
     variants = c5["variants"]
