@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-unfinished", action="store_true", help="report on GANs still training (preview)")
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "synthetic.md")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--iterations", type=int, default=1500, help="GAN update steps per class")
+    parser.add_argument("--iterations", type=int, default=2000, help="GAN update steps per class")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-synthetic", type=int, default=500)
