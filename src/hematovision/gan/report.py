@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hematovision.gan import quality
 from hematovision.gan.train import (
     CARD_FILE,
     CHECKPOINT,
+    GanConfig,
     class_seed,
     find_class_runs,
     load_generator,
@@ -119,7 +121,8 @@ def build_report(
         "split": str(split_csv), "feature_dim": int(f_train.shape[1]), "feature_config": json.loads(json.dumps(extractor.config)),
         "train_counts": _counts(y_train, class_names), "test_counts": _counts(y_test, class_names),
         "gan_training": {n: {k: cards[n][k] for k in ("iterations", "train_seconds", "num_train_images")} for n in class_names},
-        "gan_config": next(iter(cards.values()))["config"],
+        # Through GanConfig so that runs saved before an option existed show its old value.
+        "gan_config": asdict(GanConfig.from_dict(next(iter(cards.values()))["config"])),
     }
 
     # Check 1: real-trained probe labels the synthetic cells.
@@ -360,11 +363,10 @@ def _plots(out_dir: Path, metrics: dict, class_names: list[str], train_images: n
 
 
 def _discriminator_text(config: dict) -> str:
-    # Runs saved before these options existed hold none of them: the plain DCGAN.
-    parts = ["spectral norm" if config.get("spectral_norm") else "batch norm"]
-    if config.get("minibatch_std"):
+    parts = ["spectral norm" if config["spectral_norm"] else "batch norm"]
+    if config["minibatch_std"]:
         parts.append("minibatch std")
-    parts.append(f"DiffAugment {config['augment']}" if config.get("augment") else "no augmentation")
+    parts.append(f"DiffAugment {config['augment']}" if config["augment"] else "no augmentation")
     return ", ".join(parts)
 
 
