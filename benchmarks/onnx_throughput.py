@@ -31,7 +31,7 @@ import torch
 
 def load(args: argparse.Namespace) -> tuple[SimpleNamespace, Path]:
     if args.model:
-        from hematovision.predict import Predictor
+        from hematovision.infer.predictor import Predictor
 
         return Predictor.from_run_dir(args.model), Path(args.model)
     from hematovision.data.transforms import Preprocessing
@@ -75,7 +75,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from hematovision.data.transforms import normalize
-    from hematovision.export.onnx import export_onnx, onnx_session
+    from hematovision.export.onnx import export_onnx
+    from hematovision.infer.runtime import onnx_session
 
     torch.set_num_threads(args.threads)
     predictor, run_dir = load(args)

@@ -54,7 +54,7 @@ def main() -> None:
     leaks = check_split_leaks(bccd, read_split(bccd, "train"), read_split(bccd, "test"))
     classifier = None
     if args.model:
-        from hematovision.predict import Predictor
+        from hematovision.infer.predictor import Predictor
 
         classifier = Predictor.from_run_dir(args.model)
     rows, summary = evaluate_frames(bccd, stems, classifier=classifier)

@@ -56,8 +56,8 @@ def build_frozen_run(per_class: int, seed: int, threads: int) -> tuple[SimpleNam
         write_split_csv,
     )
     from hematovision.data.transforms import Preprocessing
-    from hematovision.export.calibrate import softmax
-    from hematovision.export.prepare import torch_forward
+    from hematovision.evaluate.metrics import softmax
+    from hematovision.infer.runtime import torch_forward
     from hematovision.models import create_model, get_model_info
     from hematovision.paths import shared_data_dir
 
@@ -121,11 +121,11 @@ def main() -> int:
 
     from hematovision.data.folder import load_images
     from hematovision.export.calibrate import batched_forward, calibrate, read_run_split
-    from hematovision.export.prepare import torch_forward
+    from hematovision.infer.runtime import torch_forward
     from hematovision.paths import shared_data_dir
 
     if args.model:
-        from hematovision.predict import Predictor
+        from hematovision.infer.predictor import Predictor
 
         torch.set_num_threads(args.threads)
         predictor = Predictor.from_run_dir(args.model)

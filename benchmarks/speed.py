@@ -70,7 +70,8 @@ def main() -> None:
 
     from hematovision.models import create_model
     from hematovision.train.features import FeatureExtractor
-    from hematovision.train.frozen import FrozenClassifier, fit_head
+    from hematovision.models.frozen import FrozenClassifier
+    from hematovision.train.frozen import fit_head
 
     results: dict = {"threads": args.threads, "torch": torch.__version__}
     batch = 32

@@ -17,12 +17,8 @@ from PIL import Image
 from hematovision.data.folder import Sample
 from hematovision.data.splits import write_split_csv
 from hematovision.data.transforms import Preprocessing, normalize
-from hematovision.export.onnx import (
-    LogitsAndFeatures,
-    compare_with_torch,
-    export_onnx,
-    onnx_session,
-)
+from hematovision.export.onnx import compare_with_torch, export_onnx
+from hematovision.infer.runtime import LogitsAndFeatures, onnx_session
 from hematovision.models import create_model
 
 CLASSES = ["lymphocyte", "neutrophil"]
@@ -95,7 +91,7 @@ def synthetic_run(root: Path) -> tuple[Path, SimpleNamespace]:
 
 
 def test_prepare_run_exports_quantises_and_calibrates(tmp_path: Path, one_thread: None) -> None:
-    from hematovision.export.calibrate import ReviewPolicy
+    from hematovision.infer.policy import ReviewPolicy
     from hematovision.export.prepare import prepare_run
 
     run, predictor = synthetic_run(tmp_path)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hematovision.data.transforms import Preprocessing, normalize
-from hematovision.explain import GradCAM, find_target_layer, jet, overlay
+from hematovision.infer.gradcam import GradCAM, find_target_layer, jet, overlay
 from hematovision.models import create_model, get_model_info, list_models
 
 SIZE = 48

@@ -16,7 +16,7 @@ def test_pretrained_backbone_beats_random_initialisation(shared_data: Path) -> N
     from sklearn.linear_model import LogisticRegression
 
     from hematovision.models import create_model
-    from hematovision.train.features import PooledFeatures
+    from hematovision.models.frozen import PooledFeatures
     from hematovision.data.transforms import Preprocessing, normalize
 
     root = shared_data / "pbc_dev"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from hematovision.data.classes import WBC5
 from hematovision.data.transforms import Preprocessing
-from hematovision.export.calibrate import ReviewPolicy
+from hematovision.infer.policy import ReviewPolicy
 from hematovision.models import create_model
 from hematovision.serve.app import create_app
 from hematovision.serve.engine import Engine

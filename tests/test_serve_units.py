@@ -13,13 +13,8 @@ import pytest
 from PIL import Image
 
 from hematovision.errors import HematoVisionError
-from hematovision.export.calibrate import (
-    ReviewPolicy,
-    confidence_threshold_for,
-    energy_scores,
-    fit_mahalanobis,
-    mahalanobis_scores,
-)
+from hematovision.export.calibrate import confidence_threshold_for, energy_scores, fit_mahalanobis
+from hematovision.infer.policy import ReviewPolicy, mahalanobis_scores
 from hematovision.serve.batching import MicroBatcher
 from hematovision.serve.db import (
     ConflictError,

@@ -82,7 +82,7 @@ def test_evaluate_split_reproduces_the_runs_own_test_metrics(tiny_run: Path, tmp
     with_views = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert with_views["views"] == 8 and with_views["n_images"] == original["n_images"]
     from hematovision.data.images import load_rgb
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     image = load_rgb(next(p for p in Path(json.loads((tiny_run / "train_config.json").read_text())["data"]).rglob("*.png")))
     one_view = Predictor.from_run_dir(tiny_run).logits([image])
@@ -117,7 +117,7 @@ def test_frozen_mode_with_pretrained_backbone(synthetic_dataset: Path, tmp_path:
     assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.8
     assert list((tmp_path / "home" / "features").rglob("*.npy")), "features were not cached"
     # The saved frozen network reproduces the head's predictions.
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     predictor = Predictor.from_run_dir(out)
     from hematovision.data.images import load_rgb
@@ -133,7 +133,7 @@ def test_frozen_mode_with_two_backbones(synthetic_dataset: Path, tmp_path: Path,
                  "--backbone", "efficientnet_lite0+efficientnet_lite1", "--image-size", "64"]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["frozen"]["num_features"] > 2 * 1280
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     predictor = Predictor.from_run_dir(out)
     from hematovision.data.images import load_rgb
@@ -174,7 +174,7 @@ def test_interrupted_training_resumes(synthetic_dataset: Path, tmp_path: Path) -
 
 
 def test_checkpoint_for_another_model_is_refused(tiny_run: Path, tmp_path: Path) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other)
@@ -186,7 +186,7 @@ def test_checkpoint_for_another_model_is_refused(tiny_run: Path, tmp_path: Path)
 
 
 def test_missing_weight_file_and_non_run_folder(tiny_run: Path, tmp_path: Path) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     with pytest.raises(HematoVisionError, match="not a HematoVision run folder"):
         Predictor.from_run_dir(tmp_path)

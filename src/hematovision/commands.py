@@ -155,7 +155,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from hematovision.predict import Predictor, collect_image_paths, predict_files, write_predictions
+    from hematovision.infer.predictor import Predictor
+    from hematovision.predict import collect_image_paths, predict_files, write_predictions
 
     predictor = Predictor.from_run_dir(args.run_dir, args.tta)
     paths = collect_image_paths(args.paths)

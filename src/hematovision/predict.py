@@ -1,4 +1,7 @@
-"""Load a run folder once and classify images with calibrated probabilities."""
+"""``hematovision predict``: classify image files and folders, and write the answers as CSV or JSON.
+
+The model side is :class:`hematovision.infer.predictor.Predictor`.
+"""
 
 from __future__ import annotations
 
@@ -9,68 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from hematovision._io import atomic_write, write_json
 from hematovision.data.images import ImageLoadError, is_image_file, load_rgb
-from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize, resize
-from hematovision.evaluate.metrics import softmax
-from hematovision.train.checkpoint import MODEL_FILE, load_weights, read_card
-from hematovision.train.frozen import FrozenClassifier
-
-
-class Predictor:
-    """A trained model ready for inference.
-
-    Attributes:
-        card: the run's model card.
-        class_names: the K class names, in output order.
-        prep: preprocessing (size, mean, std).
-        model: the network; takes normalised (N, 3, S, S) float tensors, returns logits.
-        temperature: calibration temperature fitted on validation data.
-        views: dihedral views (flips/90° rotations) averaged per image; by default the number the
-            run was trained and calibrated with. Frozen models average their features, as in training;
-            fine-tuned models average their logits.
-    """
-
-    def __init__(self, model: nn.Module, card: dict, views: int | None = None) -> None:
-        self.card = card
-        self.class_names: list[str] = list(card["class_names"])
-        self.prep = Preprocessing.from_dict(card["preprocessing"])
-        self.temperature = float(card.get("temperature", 1.0))
-        self.views = views or int(card.get("tta", card.get("frozen", {}).get("tta", 1)))
-        self.model = model.eval().to(memory_format=torch.channels_last)
-
-    @classmethod
-    def from_run_dir(cls, run_dir: str | Path, views: int | None = None) -> Predictor:
-        """Load ``model_card.json`` and ``model.safetensors`` from a run folder."""
-        from hematovision.train.pipeline import build_model_from_card
-
-        card = read_card(run_dir)
-        model = build_model_from_card(card)
-        load_weights(model, Path(run_dir) / MODEL_FILE)
-        return cls(model, card, views)
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images of any size → normalised (N, 3, S, S) tensor."""
-        batch = np.stack([resize(image, self.prep.image_size) for image in images])
-        return normalize(batch, self.prep).contiguous(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def logits(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Raw logits, (N, K)."""
-        outputs = [self._forward(self.preprocess(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, FrozenClassifier):
-            return self.model.forward_head(dihedral_mean(self.model.features, batch, self.views))
-        return dihedral_mean(self.model, batch, self.views)
-
-    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Calibrated class probabilities, (N, K)."""
-        return softmax(self.logits(images, batch_size), self.temperature)
+from hematovision.infer.predictor import Predictor
+from hematovision.run import METRICS_FILE
 
 
 @dataclass
@@ -150,4 +96,4 @@ def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str],
 
 def load_metrics(run_dir: str | Path) -> dict:
     """The test metrics stored in a run folder."""
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())

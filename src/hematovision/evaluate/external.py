@@ -12,8 +12,8 @@ from pathlib import Path
 
 from hematovision._io import write_json
 from hematovision.data.folder import Sample, label_indices, load_images, scan_image_folder
-from hematovision.data.splits import read_split_csv
 from hematovision.errors import DatasetError
+from hematovision.run import METRICS_FILE, SPLIT_FILE, read_split
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,11 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
 
 def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None = None, views: int | None = None) -> dict:
     """Evaluate the run on one part (``test``, ``val``, ...) of its own ``split.csv``."""
-    split_file = Path(run_dir) / "split.csv"
-    if not split_file.is_file():
-        raise DatasetError(f"{run_dir} has no split.csv; give --data DIR instead")
-    rows = read_split_csv(split_file)
-    parts = sorted({part for _, part in rows})
-    samples = [sample for sample, part in rows if part == split]
+    parts = read_split(run_dir)
+    samples = parts.get(split, [])
     if not samples:
-        raise DatasetError(f"split.csv of {run_dir} has no '{split}' rows; its parts are {parts}")
+        raise DatasetError(f"{SPLIT_FILE} of {run_dir} has no '{split}' rows; its parts are {sorted(parts)}")
+    split_file = Path(run_dir) / SPLIT_FILE
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{split}"
     context = {"data": str(split_file), "split": f"the '{split}' part of the run's split.csv"}
     return _evaluate_samples(run_dir, samples, out, f"its {split} split", context, views)
@@ -55,7 +52,7 @@ def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None =
 def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path, name: str, context: dict,
                       views: int | None) -> dict:
     from hematovision.evaluate.report import write_evaluation
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     predictor = Predictor.from_run_dir(run_dir, views)
     known = set(predictor.class_names)
@@ -76,9 +73,9 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
         "left_out_images": len(samples) - len(chosen), "unreadable_files": len(loaded.failures),
     }
     metrics = write_evaluation(out, labels, probabilities, predictor.class_names,
-                               f"{predictor.card['backbone']} ({predictor.card['mode']}) on {name}", context)
+                               f"{predictor.card.backbone} ({predictor.card.mode}) on {name}", context)
     metrics["unknown_classes"] = unknown
     metrics["unreadable_files"] = [[str(p), reason] for p, reason in loaded.failures]
     metrics["views"] = predictor.views
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     return metrics

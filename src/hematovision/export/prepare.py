@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,41 +10,12 @@ import numpy as np
 import torch
 
 from hematovision._io import sha256_file, write_json
-from hematovision.data.transforms import Preprocessing, normalize
+from hematovision.data.transforms import normalize
 from hematovision.errors import DatasetError, HematoVisionError
+from hematovision.infer.runtime import onnx_forward, onnx_session, torch_forward
+from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE
 
 log = logging.getLogger(__name__)
-
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-REPORT_FILE = "export.json"
-WEIGHTS_FILE = "model.safetensors"
-
-Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def torch_forward(model: torch.nn.Module, prep: Preprocessing) -> Forward:
-    """(N, S, S, 3) uint8 → (logits, features) with PyTorch."""
-    from hematovision.export.onnx import LogitsAndFeatures
-
-    wrapped = LogitsAndFeatures(model).eval()
-
-    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            logits, features = wrapped(normalize(np.ascontiguousarray(images), prep))
-        return logits.numpy(), features.numpy()
-
-    return forward
-
-
-def onnx_forward(session: Any, prep: Preprocessing) -> Forward:
-    """(N, S, S, 3) uint8 → (logits, features) with ONNX Runtime."""
-
-    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = session.run(None, {"input": normalize(np.ascontiguousarray(images), prep).numpy()})
-        return logits, features
-
-    return forward
 
 
 def prepare_run(
@@ -78,25 +48,27 @@ def prepare_run(
         The report, also written to ``RUN/export.json``.
     """
     from hematovision.export import calibrate as calibration
-    from hematovision.export.onnx import compare_with_torch, export_onnx, onnx_session
+    from hematovision.export.onnx import compare_with_torch, export_onnx
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise HematoVisionError(f"{run_dir} is not a run folder")
     torch.set_num_threads(threads)
     if predictor is None:
-        from hematovision.predict import Predictor
+        from hematovision.infer.predictor import Predictor
 
         predictor = Predictor.from_run_dir(run_dir)
     model, prep = predictor.model.eval(), predictor.prep
+    # The run's test-time views: its head and temperature were fitted on them, so the export,
+    # its check and the review policy all score images the same way.
+    views = int(getattr(predictor, "views", 1) or 1)
     # What the exported files were made from: the server ignores them once the weights change.
-    source = run_dir / WEIGHTS_FILE
+    source = run_dir / MODEL_FILE
     report: dict[str, Any] = {"run_dir": str(run_dir),
                               "source_sha256": sha256_file(source) if source.is_file() else None}
     splits: dict[str, list[Any]] | None
     try:
-        card = getattr(predictor, "card", None) or {}
-        splits = calibration.read_run_split(run_dir, card.get("split_file", "split.csv"))
+        splits = calibration.read_run_split(run_dir, getattr(predictor.card, "split_file", SPLIT_FILE))
     except DatasetError as error:
         log.warning("%s", error)
         splits = None
@@ -104,10 +76,10 @@ def prepare_run(
         raise HematoVisionError("INT8 calibration and the review policy need the run's split.csv and images; "
                                 "use --no-calibrate (and no --int8) to export only")
 
-    forward = torch_forward(model, prep)
+    forward = torch_forward(model, prep, views)
     if onnx or int8:
         path = run_dir / ONNX_FILE
-        export_onnx(model, prep.image_size, path, opset)
+        export_onnx(model, prep.image_size, path, opset, views)
         session = onnx_session(path, threads)
         generator = torch.Generator().manual_seed(0)
         inputs = torch.randn(4, 3, prep.image_size, prep.image_size, generator=generator)
@@ -119,8 +91,9 @@ def prepare_run(
             if len(real):
                 inputs = torch.cat([inputs, normalize(real, prep)])
                 source += f" + {len(real)} validation images"
-        check = compare_with_torch(model, session, inputs)
-        report["onnx"] = {"file": ONNX_FILE, "opset": opset, "dynamic_batch": True, "checked_on": source, **check}
+        check = compare_with_torch(model, session, inputs, views)
+        report["onnx"] = {"file": ONNX_FILE, "opset": opset, "dynamic_batch": True, "views": views,
+                          "checked_on": source, **check}
         log.info("ONNX export: max |logit difference| %.2e on %s", check["logits_max_abs_diff"], source)
         forward = onnx_forward(session, prep)
         if int8:
@@ -131,15 +104,15 @@ def prepare_run(
                                        float(getattr(predictor, "temperature", 1.0) or 1.0),
                                        target_accuracy, ood_quantile, max_train)
         policy.info["source_sha256"] = report["source_sha256"]
+        policy.info["views"] = views
         policy.save(run_dir)
         report["review_policy"] = policy.describe()
-    write_json(run_dir / REPORT_FILE, report)
+    write_json(run_dir / EXPORT_FILE, report)
     return report
 
 
 def _quantize(run_dir: Path, session: Any, predictor: Any, splits: dict[str, list[Any]], threads: int) -> dict[str, Any]:
     from hematovision.data.folder import label_indices, load_images
-    from hematovision.export.onnx import onnx_session
     from hematovision.export.quantize import compare_accuracy, quantize_int8
 
     prep = predictor.prep

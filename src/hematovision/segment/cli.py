@@ -211,10 +211,11 @@ def run_count(args: argparse.Namespace) -> int:
         raise HematoVisionError(f"--rbc-diameter must be positive, got {args.rbc_diameter}")
     classifier = None
     if args.model is not None:
-        from hematovision.predict import Predictor
+        from hematovision.infer.predictor import Predictor
+        from hematovision.run import CARD_FILE
 
-        if not (args.model / "model_card.json").is_file():
-            raise HematoVisionError(f"{args.model} is not a classifier run folder (no model_card.json)")
+        if not (args.model / CARD_FILE).is_file():
+            raise HematoVisionError(f"{args.model} is not a classifier run folder (no {CARD_FILE})")
         classifier = Predictor.from_run_dir(args.model)
     params = FieldParams(rbc_diameter=args.rbc_diameter)
     args.out.mkdir(parents=True, exist_ok=True)

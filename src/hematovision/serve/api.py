@@ -54,7 +54,7 @@ class AppState:
     def model_name(self) -> str:
         """How analyses name the model: run folder, backbone and mode, e.g. ``pbc-lite0: efficientnet_lite0 (finetune)``."""
         card = self.engine.card
-        name = str(card.get("name") or card.get("backbone") or "model")
+        name = str(card.get("backbone") or "model")
         if card.get("mode"):
             name += f" ({card['mode']})"
         return f"{self.settings.model.name}: {name}" if self.settings.model else name
@@ -290,7 +290,7 @@ def prediction_heatmap(prediction_id: int, state: State, label: str | None = Non
     from PIL import Image
 
     from hematovision.data.images import load_rgb
-    from hematovision.explain import overlay
+    from hematovision.infer.gradcam import overlay
 
     if not state.settings.gradcam:
         raise HTTPException(404, "Grad-CAM is switched off on this server")

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hematovision.errors import HematoVisionError
+from hematovision.infer.predictor import NonFiniteOutputError
 from hematovision.serve.api import AppState, router
 from hematovision.serve.batching import MicroBatcher
 from hematovision.serve.db import ConflictError, Database, NotFoundError, ReviewError
@@ -122,6 +123,7 @@ def _add_docs(app: FastAPI) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     statuses: list[tuple[type[Exception], int]] = [
         (NotFoundError, 404), (ConflictError, 409), (ReviewError, 422),
+        (NonFiniteOutputError, 503),  # the model, not the upload, is at fault: never store or show "nan"
     ]
     for error_type, status in statuses:
         app.add_exception_handler(error_type, _fixed_status(status))

@@ -20,13 +20,13 @@ from torch import nn
 
 from hematovision.data.transforms import Preprocessing, normalize, resize
 from hematovision.errors import HematoVisionError
-from hematovision.export.calibrate import ReviewPolicy
-from hematovision.export.onnx import LogitsAndFeatures
+from hematovision.evaluate.metrics import softmax
+from hematovision.infer.policy import ReviewPolicy
+from hematovision.infer.predictor import check_finite
+from hematovision.infer.runtime import LogitsAndFeatures
+from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, POLICY_FILE
 
 log = logging.getLogger(__name__)
-
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
 
 
 class PredictorLike(Protocol):
@@ -36,7 +36,7 @@ class PredictorLike(Protocol):
     prep: Preprocessing
     model: nn.Module
     temperature: float
-    card: dict
+    card: Any
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,14 @@ class Engine:
         self.class_names = list(predictor.class_names)
         self.prep: Preprocessing = predictor.prep
         self.temperature = float(getattr(predictor, "temperature", 1.0) or 1.0)
-        self.card: dict[str, Any] = dict(getattr(predictor, "card", {}) or {})
+        card = getattr(predictor, "card", None) or {}
+        self.card: dict[str, Any] = card.to_dict() if hasattr(card, "to_dict") else dict(card)
+        # The run's test-time views: a frozen --tta run's head and temperature were fitted on them.
+        self.views = int(getattr(predictor, "views", 1) or 1)
         self.model = predictor.model.eval()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._torch_lock = threading.Lock()
-        self._wrapped = LogitsAndFeatures(self.model)
+        self._wrapped = LogitsAndFeatures(self.model, self.views)
         self._gradcam: Any = None
         torch.set_num_threads(threads)
         # The engine's own numpy work (OOD scores) is a few small products per batch: threaded
@@ -123,7 +126,7 @@ class Engine:
             raise HematoVisionError(f"backend {backend!r} needs {onnx_name} in the run folder; "
                                     f"run `hematovision export RUN{' --int8' if backend == 'int8' else ''}`")
         if backend in ("auto", "onnx", "int8") and onnx_path is not None and onnx_path.is_file():
-            from hematovision.export.onnx import onnx_session
+            from hematovision.infer.runtime import onnx_session
 
             self._session = onnx_session(onnx_path, threads)
         self.backend = {"int8": "onnxruntime-int8"}.get(backend, "onnxruntime") if self._session else "pytorch"
@@ -131,21 +134,36 @@ class Engine:
         log.info("serving %d classes with %s at %d px", len(self.class_names), self.backend, self.prep.image_size)
 
     def _stale_exports(self) -> set[str]:
-        """Which exported files (``onnx``, ``policy``) were made from weights other than the current ones."""
+        """Which exported files (``onnx``, ``policy``) were made from other weights or other views."""
         import json
 
         from hematovision._io import sha256_file
 
-        if self.run_dir is None or not (self.run_dir / "model.safetensors").is_file():
+        if self.run_dir is None or not (self.run_dir / MODEL_FILE).is_file():
             return set()
-        current = sha256_file(self.run_dir / "model.safetensors")
+        current = sha256_file(self.run_dir / MODEL_FILE)
         stale = set()
-        for kind, name in (("onnx", "export.json"), ("policy", "serving.json")):
+        for kind, name in (("onnx", EXPORT_FILE), ("policy", POLICY_FILE)):
             path = self.run_dir / name
-            recorded = json.loads(path.read_text()).get("source_sha256") if path.is_file() else None
-            if recorded and recorded != current:
-                log.warning("%s was written for other weights than %s/model.safetensors; ignoring the %s "
-                            "(run `hematovision export RUN` again)", name, self.run_dir, kind)
+            if not path.is_file():
+                continue
+            try:
+                recorded = json.loads(path.read_text())
+            except ValueError:
+                recorded = None
+            if not isinstance(recorded, dict):
+                log.warning("%s is not valid JSON; ignoring the %s (run `hematovision export RUN` again)", name, kind)
+                stale.add(kind)
+                continue
+            sha = recorded.get("source_sha256")
+            views = (recorded.get("onnx") or {}).get("views", 1) if kind == "onnx" else recorded.get("views", 1)
+            if sha and sha != current:
+                log.warning("%s was written for other weights than %s/%s; ignoring the %s "
+                            "(run `hematovision export RUN` again)", name, self.run_dir, MODEL_FILE, kind)
+                stale.add(kind)
+            elif views != self.views:
+                log.warning("%s was made with %s test-time view(s), the run uses %d; ignoring the %s "
+                            "(run `hematovision export RUN` again)", name, views, self.views, kind)
                 stale.add(kind)
         return stale
 
@@ -181,10 +199,8 @@ class Engine:
     def run_batch(self, images: list[np.ndarray]) -> list[ImagePrediction]:
         """Predict prepared images (each (S, S, 3) uint8) in one pass; the micro-batcher's ``process``."""
         logits, features = self.forward(np.stack(images))
-        scaled = logits.astype(np.float64) / self.temperature
-        scaled -= scaled.max(axis=1, keepdims=True)
-        probabilities = np.exp(scaled)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        probabilities = softmax(logits, self.temperature)
+        check_finite(probabilities)
         ood = self.policy.ood_scores(features)
         results = []
         for i, probs in enumerate(probabilities):
@@ -206,7 +222,7 @@ class Engine:
             image: the original RGB image.
             label: class to explain; the predicted class when ``None``.
         """
-        from hematovision.explain import GradCAM
+        from hematovision.infer.gradcam import GradCAM
 
         target = None if label is None else [self.class_names.index(label)]
         inputs = normalize(np.array(self.prepare(image)[None]), self.prep)  # a writable copy for torch
@@ -238,7 +254,7 @@ def load_engine(run_dir: str | Path, backend: str = "auto", threads: int = 2,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise HematoVisionError(f"{run_dir} is not a folder; pass a run folder made by `hematovision train`")
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     predictor = Predictor.from_run_dir(run_dir)
     return Engine(predictor, run_dir, backend=backend, threads=threads, confidence_threshold=confidence_threshold)

@@ -1,9 +1,6 @@
-"""Frozen-backbone features: computed once, cached on disk, fed to a small head.
+"""Frozen-backbone features for training: computed once, cached on disk, fed to a small head.
 
-For EfficientNet-style timm models the feature vector concatenates global-average-pooled
-maps from several late stages and the final 1280-channel head. Mid-level stages carry the
-texture and granule detail that separates white-cell types; the last stage alone is tuned
-to ImageNet objects. Other backbones fall back to their pooled final features.
+The feature module itself (what is pooled, and why) is ``hematovision.models.frozen``.
 """
 
 from __future__ import annotations
@@ -16,110 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
-from hematovision.models import create_model, get_model_info
+from hematovision.models.frozen import DEFAULT_BACKBONE, DEFAULT_TAPS, build_frozen_features, frozen_input_spec
 from hematovision.paths import hematovision_home
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
-# Stages of timm's EfficientNet whose pooled outputs join the final features (0-based block stages).
-DEFAULT_TAPS = (2, 3, 4, 5)
-
-
-class PooledFeatures(nn.Module):
-    """A frozen backbone returning pooled multi-stage features, shape (N, D).
-
-    Args:
-        backbone: a timm EfficientNet (``conv_stem``/``blocks``/``conv_head``) or any timm model.
-        taps: block-stage indices whose pooled outputs are concatenated before the final features.
-        tap_std: also pool the spatial standard deviation of each tapped map. Granules and
-            chromatin show up as texture, which a mean alone averages away.
-    """
-
-    def __init__(self, backbone: nn.Module, taps: Sequence[int] = DEFAULT_TAPS, tap_std: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tap_std = tap_std
-        self.is_efficientnet = all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
-        self.taps = tuple(taps) if self.is_efficientnet else ()
-
-    @property
-    def gradcam_layer(self) -> nn.Module | None:
-        """The module whose output is the last spatial feature map (Grad-CAM looks for this)."""
-        return self.backbone.bn2 if self.is_efficientnet else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.is_efficientnet:
-            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        backbone = self.backbone
-        x = backbone.bn1(backbone.conv_stem(x))
-        pooled = []
-        for index, stage in enumerate(backbone.blocks):
-            x = stage(x)
-            if index in self.taps:
-                pooled.append(x.mean(dim=(2, 3)))
-                if self.tap_std:
-                    pooled.append(x.std(dim=(2, 3), correction=0))  # finite for 1x1 maps too
-        x = backbone.bn2(backbone.conv_head(x))
-        pooled.append(x.mean(dim=(2, 3)))
-        return torch.cat(pooled, dim=1)
-
-    @property
-    def num_features(self) -> int:
-        with torch.no_grad():
-            return int(self(torch.zeros(1, 3, 64, 64)).shape[1])
-
-
-class ConcatFeatures(nn.Module):
-    """Several frozen backbones side by side: each sees the input at its own native size.
-
-    Args:
-        branches: :class:`PooledFeatures` modules sharing one input normalisation.
-        sizes: input side of each branch; the input is resized (bilinear) where it differs.
-    """
-
-    def __init__(self, branches: Sequence[PooledFeatures], sizes: Sequence[int]) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(branches)
-        self.sizes = [int(size) for size in sizes]
-
-    @property
-    def gradcam_layer(self) -> nn.Module | None:
-        return self.branches[0].gradcam_layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        outputs = []
-        for branch, size in zip(self.branches, self.sizes):
-            view = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            outputs.append(branch(view))
-        return torch.cat(outputs, dim=1)
-
-
-def backbone_names(backbone: str) -> list[str]:
-    """``"a+b"`` → ``["a", "b"]``: frozen mode can concatenate several backbones' features."""
-    return [name.strip() for name in backbone.split("+") if name.strip()]
-
-
-def frozen_input_spec(backbone: str) -> tuple[int, tuple, tuple]:
-    """(input size, mean, std) of a possibly combined frozen backbone: the largest native size."""
-    infos = [get_model_info(name) for name in backbone_names(backbone)]
-    if len({(info.mean, info.std) for info in infos}) > 1:
-        raise ValueError(f"backbones in {backbone!r} normalise their inputs differently; combine ones that match")
-    return max(info.input_size for info in infos), infos[0].mean, infos[0].std
-
-
-def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) -> nn.Module:
-    """The frozen feature module for one backbone name or a ``+``-joined combination."""
-    names = backbone_names(backbone)
-    branches = [PooledFeatures(create_model(name, num_classes=1000, pretrained=pretrained), taps) for name in names]
-    if len(branches) == 1:
-        return branches[0]
-    return ConcatFeatures(branches, [get_model_info(name).input_size for name in names])
-
 
 class FeatureExtractor:
     """Compute (and cache) frozen ImageNet features of images.

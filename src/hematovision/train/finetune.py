@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hematovision.data.transforms import Preprocessing, TrainTransform, dihedral_mean, normalize
-from hematovision.train.checkpoint import MODEL_FILE, STATE_FILE, load_state, load_weights, save_state, save_weights
+from hematovision.run import LAST_FILE, MODEL_FILE, STATE_FILE, load_weights, save_weights
+from hematovision.train.checkpoint import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def finetune(
     state_path = run_dir / STATE_FILE
     if resume and state_path.exists():
         state = load_state(state_path)
-        load_weights(model, run_dir / "last.safetensors")
+        load_weights(model, run_dir / LAST_FILE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
@@ -275,7 +276,7 @@ def finetune(
             save_weights(model, run_dir / MODEL_FILE)
         else:
             stale += 1
-        save_weights(model, run_dir / "last.safetensors")
+        save_weights(model, run_dir / LAST_FILE)
         save_state(state_path, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "best_score": best_score,

@@ -1,8 +1,7 @@
-"""Frozen mode: cached backbone features and a small head fitted in seconds.
+"""Frozen mode: a small head fitted in seconds on cached backbone features.
 
-The fitted head is folded into an ``nn.Module`` (standardisation included), so a frozen
-run is one network like a fine-tuned one: the same prediction, export and Grad-CAM code
-serves both.
+The classifier module (:class:`~hematovision.models.frozen.FrozenClassifier`) lives with the
+models, since inference needs it; fitting it is training, and lives here.
 """
 
 from __future__ import annotations
@@ -13,44 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from hematovision.train.features import PooledFeatures
+from hematovision.models.frozen import FrozenClassifier
 
 log = logging.getLogger(__name__)
-
-
-class FrozenClassifier(nn.Module):
-    """Pooled features of a frozen backbone, standardised, then a linear or MLP head.
-
-    Args:
-        features: the :class:`PooledFeatures` module.
-        num_features: D, the feature size.
-        num_classes: K.
-        hidden: hidden width of an MLP head; 0 for a linear head.
-    """
-
-    def __init__(self, features: PooledFeatures, num_features: int, num_classes: int, hidden: int = 0) -> None:
-        super().__init__()
-        self.features = features
-        self.register_buffer("feature_mean", torch.zeros(num_features))
-        self.register_buffer("feature_std", torch.ones(num_features))
-        if hidden:
-            self.head: nn.Module = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
-        else:
-            self.head = nn.Linear(num_features, num_classes)
-
-    @property
-    def gradcam_layer(self) -> nn.Module | None:
-        """The last spatial feature map of the backbone, for Grad-CAM."""
-        return self.features.gradcam_layer
-
-    def forward_head(self, features: Tensor) -> Tensor:
-        """Logits from already-extracted (N, D) features."""
-        return self.head((features - self.feature_mean) / self.feature_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.features(x))
 
 
 def fit_head(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 import hematovision
 from hematovision._io import write_json
@@ -20,10 +19,12 @@ from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError
 from hematovision.evaluate.metrics import fit_temperature, softmax
 from hematovision.models import create_model, get_model_info
-from hematovision.train.checkpoint import MODEL_FILE, save_weights, write_card
-from hematovision.train.features import DEFAULT_TAPS, FeatureExtractor, backbone_names, build_frozen_features, frozen_input_spec
+from hematovision.models.frozen import DEFAULT_TAPS, FrozenClassifier, backbone_names, frozen_input_spec
+from hematovision.run import (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, VAL_DIR, FrozenHead, ModelCard,
+                              save_weights, write_card)
+from hematovision.train.features import FeatureExtractor
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
-from hematovision.train.frozen import FrozenClassifier, fit_head
+from hematovision.train.frozen import fit_head
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +112,6 @@ def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[s
     return samples, splits, groups, digests
 
 
-def build_model_from_card(card: dict) -> nn.Module:
-    """An untrained network of the architecture a model card describes (weights are loaded separately)."""
-    num_classes = len(card["class_names"])
-    if card["mode"] == "frozen":
-        frozen = card["frozen"]
-        features = build_frozen_features(card["backbone"], frozen["taps"], pretrained=False)
-        return FrozenClassifier(features, frozen["num_features"], num_classes, frozen["hidden"])
-    return create_model(card["backbone"], num_classes=num_classes, pretrained=False, **card.get("model_kwargs", {}))
-
-
 def run_training(config: TrainConfig) -> dict:
     """Train, calibrate and evaluate; returns the test metrics. The run folder gets:
 
@@ -145,8 +136,8 @@ def run_training(config: TrainConfig) -> dict:
         info = get_model_info(config.backbone)
         mean, std, weights = info.mean, info.std, info.weights
     samples, splits, groups, digests = resolve_splits(config)
-    write_split_csv(out / "split.csv", samples, splits, groups)
-    write_json(out / "train_config.json", _config_dict(config))
+    write_split_csv(out / SPLIT_FILE, samples, splits, groups)
+    write_json(out / CONFIG_FILE, _config_dict(config))
 
     class_names = sorted({sample.label for sample, split in zip(samples, splits) if split == "train"})
     if len(class_names) < 2:
@@ -159,34 +150,34 @@ def run_training(config: TrainConfig) -> dict:
         parts[part] = load_images(chosen, size, desc=f"loading {part}")
     failures = [(str(p), reason) for loaded in parts.values() for p, reason in loaded.failures]
     if failures:
-        write_json(out / "unreadable_files.json", failures)
-        log.warning("%d unreadable file(s) skipped; listed in %s", len(failures), out / "unreadable_files.json")
+        write_json(out / UNREADABLE_FILE, failures)
+        log.warning("%d unreadable file(s) skipped; listed in %s", len(failures), out / UNREADABLE_FILE)
     for part in ("train", "val"):
         if len(parts[part].samples) == 0:
             raise DatasetError(f"the {part} split has no readable images")
     y = {part: label_indices(loaded.samples, class_names) for part, loaded in parts.items()}
     log.info("images: %s", {part: len(loaded.samples) for part, loaded in parts.items()})
 
-    card: dict = {
-        "hematovision_version": hematovision.__version__,
-        "mode": config.mode,
-        "backbone": config.backbone,
-        "pretrained": config.pretrained,
-        "weights": weights if config.pretrained else "random initialisation (no pretrained weights)",
-        "class_names": class_names,
-        "preprocessing": prep.to_dict(),
-        "split_file": "split.csv",
-        "data": {
+    card = ModelCard(
+        class_names=class_names,
+        mode=config.mode,
+        backbone=config.backbone,
+        preprocessing=prep,
+        pretrained=config.pretrained,
+        weights=weights if config.pretrained else "random initialisation (no pretrained weights)",
+        tta=config.tta,
+        data={
             "source": str(config.data or config.train_dir),
             "n_images": {part: len(loaded.samples) for part, loaded in parts.items()},
             "unreadable_files": len(failures),
             "seed": config.seed,
             "split": "given folders" if config.train_dir or any(s.split for s in samples) else "seeded stratified 70/15/15, duplicate files grouped",
         },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+        hematovision_version=hematovision.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        torch=torch.__version__,
+        platform=platform.platform(),
+    )
     history: list[dict] = []
     if config.mode == "frozen":
         extractor = FeatureExtractor(config.backbone, size, DEFAULT_TAPS, tta=config.tta)
@@ -199,8 +190,8 @@ def run_training(config: TrainConfig) -> dict:
                                  hidden=512 if config.head == "mlp" else 0)
         summary = fit_head(model, features["train"], y["train"], features["val"], y["val"], len(class_names),
                            head=config.head, seed=config.seed)
-        card["frozen"] = {"taps": list(extractor.taps), "num_features": int(features["train"].shape[1]),
-                          "hidden": 512 if config.head == "mlp" else 0, "head": summary, "tta": config.tta}
+        card.frozen = FrozenHead(taps=list(extractor.taps), num_features=int(features["train"].shape[1]),
+                                 hidden=512 if config.head == "mlp" else 0, head=summary)
         with torch.no_grad():
             logits = {part: model.forward_head(torch.as_tensor(f, dtype=torch.float32)).numpy()
                       for part, f in features.items() if len(f) and f.shape[1] > 1}
@@ -211,18 +202,17 @@ def run_training(config: TrainConfig) -> dict:
         result = finetune(model, prep, parts["train"].images, y["train"], parts["val"].images, y["val"],
                           len(class_names), config.finetune, out, resume=config.resume)
         model, history = result.model, result.history
-        card["finetune"] = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds}
+        card.finetune = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds}
         logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
                   for part, loaded in parts.items() if len(loaded.samples)}
 
-    card["tta"] = config.tta
     temperature = fit_temperature(logits["val"], y["val"])
-    card["temperature"] = temperature
+    card.temperature = temperature
     log.info("temperature fitted on val: %.3f", temperature)
-    write_evaluation(out / "val", y["val"], softmax(logits["val"], temperature), class_names,
+    write_evaluation(out / VAL_DIR, y["val"], softmax(logits["val"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — validation split")
     context = {"model": config.backbone, "mode": config.mode, "split": "test part of split.csv",
-               "data": card["data"]["source"], "seed": config.seed, "temperature": round(temperature, 4),
+               "data": card.data["source"], "seed": config.seed, "temperature": round(temperature, 4),
                "test-time views": config.tta}
     if "test" in logits:
         metrics = write_evaluation(out, y["test"], softmax(logits["test"], temperature), class_names,
@@ -233,9 +223,9 @@ def run_training(config: TrainConfig) -> dict:
         metrics = write_evaluation(out, y["val"], softmax(logits["val"], temperature), class_names,
                                    f"{config.backbone} ({config.mode}) — validation split (no test split)", context, history)
     metrics["split"] = "test" if "test" in logits else "val"
-    card["metrics"] = {"split": metrics["split"],
+    card.metrics = {"split": metrics["split"],
                        **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
-    card["train_seconds"] = time.perf_counter() - started
+    card.train_seconds = time.perf_counter() - started
     write_card(out, card)
     log.info("run folder: %s (test accuracy %.4f, macro-F1 %.4f)", out, metrics["accuracy"], metrics["macro_f1"])
     return metrics

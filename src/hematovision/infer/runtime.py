@@ -1,0 +1,114 @@
+"""The network at inference: (logits, features) in one pass, with the run's test-time views.
+
+PyTorch and ONNX Runtime give the same two outputs for the same uint8 images, so the
+predictor, the export check, the review-policy calibration and the server all score a run
+the way it was trained and calibrated: a frozen run averages its features over the card's
+views before the head, a fine-tuned run averages its logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hematovision._optional import optional_import
+from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
+from hematovision.errors import HematoVisionError
+
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The model's final linear layer (the last ``nn.Linear`` in module order).
+
+    Raises:
+        HematoVisionError: the model has no linear layer.
+    """
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise HematoVisionError(f"{type(model).__name__} has no final linear layer to take features from")
+    return linears[-1]
+
+
+def view_logits(model: nn.Module, batch: Tensor, views: int) -> Tensor:
+    """Logits averaged over ``views`` dihedral views, the way the run was calibrated.
+
+    A frozen classifier (one with ``features`` and ``forward_head``) averages its features
+    before the head, as its head was fitted on averaged features; other models average logits.
+    """
+    if views > 1 and hasattr(model, "forward_head") and hasattr(model, "features"):
+        return model.forward_head(dihedral_mean(model.features, batch, views))
+    return dihedral_mean(model, batch, views)
+
+
+class LogitsAndFeatures(nn.Module):
+    """Wrap a classifier so that it returns ``(logits, features)`` over the run's views.
+
+    ``features`` is the input of the final linear layer, captured with a forward hook, so
+    any architecture works without knowing its internals. With several views it is the
+    mean over the views (for a frozen run, the head's one input of averaged features).
+
+    Args:
+        model: classifier taking (N, 3, H, W) and returning logits (N, K).
+        views: dihedral views (1, 2, 4 or 8) averaged per image.
+    """
+
+    def __init__(self, model: nn.Module, views: int = 1) -> None:
+        super().__init__()
+        if views not in (1, 2, 4, 8):
+            raise ValueError(f"views must be 1, 2, 4 or 8, got {views}")
+        self.model = model
+        self.views = views
+        self._classifier = [classifier_layer(model)]  # a list: not registered as a second child
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        captured: list[Tensor] = []
+        # The hook lives only for this call, so the wrapped model is left as it was.
+        handle = self._classifier[0].register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            logits = view_logits(self.model, x, self.views)
+        finally:
+            handle.remove()
+        if not captured:
+            raise HematoVisionError("the final linear layer was not called in forward()")
+        return logits, torch.stack([f.flatten(1) for f in captured]).mean(0)
+
+
+def torch_forward(model: nn.Module, prep: Preprocessing, views: int = 1) -> Forward:
+    """(N, S, S, 3) uint8 → (logits, features) with PyTorch."""
+    wrapped = LogitsAndFeatures(model, views).eval()
+
+    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, features = wrapped(normalize(np.ascontiguousarray(images), prep))
+        return logits.numpy(), features.numpy()
+
+    return forward
+
+
+def onnx_session(path: str | Path, threads: int = 2) -> Any:
+    """An ONNX Runtime CPU session for ``path`` with ``threads`` intra-op threads."""
+    ort = optional_import("onnxruntime", "onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Idle worker threads sleep instead of spinning: on a 2-core machine the HTTP server, the
+    # decoders and other processes need those cycles more than the next batch needs a fast start.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_forward(session: Any, prep: Preprocessing) -> Forward:
+    """(N, S, S, 3) uint8 → (logits, features) with ONNX Runtime (the views are in the exported graph)."""
+
+    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = session.run(None, {"input": normalize(np.ascontiguousarray(images), prep).numpy()})
+        return logits, features
+
+    return forward

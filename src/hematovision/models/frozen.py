@@ -1,0 +1,152 @@
+"""Frozen-backbone classifiers: pooled ImageNet features, standardised, then a small head.
+
+For EfficientNet-style timm models the feature vector concatenates the pooled mean and
+standard deviation of several mid-level stages with the final 1280-channel features.
+Mid-level stages carry the texture and granule detail that separates white-cell types; the
+last stage alone is tuned to ImageNet objects. Other backbones fall back to their pooled
+final features.
+
+The fitted head is folded into an ``nn.Module`` (standardisation included), so a frozen run
+is one network like a fine-tuned one: prediction, export and Grad-CAM treat both alike.
+Training (feature caching, fitting the head) lives in ``hematovision.train``; this module is
+all that inference needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hematovision.models.registry import create_model, get_model_info
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# Stages of timm's EfficientNet whose pooled outputs join the final features (0-based block stages).
+DEFAULT_TAPS = (2, 3, 4, 5)
+
+
+class PooledFeatures(nn.Module):
+    """A frozen backbone returning pooled multi-stage features, shape (N, D).
+
+    Args:
+        backbone: a timm EfficientNet (``conv_stem``/``blocks``/``conv_head``) or any timm model.
+        taps: block-stage indices whose pooled outputs are concatenated before the final features.
+        tap_std: also pool the spatial standard deviation of each tapped map. Granules and
+            chromatin show up as texture, which a mean alone averages away.
+    """
+
+    def __init__(self, backbone: nn.Module, taps: Sequence[int] = DEFAULT_TAPS, tap_std: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tap_std = tap_std
+        self.is_efficientnet = all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+        self.taps = tuple(taps) if self.is_efficientnet else ()
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        """The module whose output is the last spatial feature map (Grad-CAM looks for this)."""
+        return self.backbone.bn2 if self.is_efficientnet else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.is_efficientnet:
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        backbone = self.backbone
+        x = backbone.bn1(backbone.conv_stem(x))
+        pooled = []
+        for index, stage in enumerate(backbone.blocks):
+            x = stage(x)
+            if index in self.taps:
+                pooled.append(x.mean(dim=(2, 3)))
+                if self.tap_std:
+                    pooled.append(x.std(dim=(2, 3), correction=0))  # finite for 1x1 maps too
+        x = backbone.bn2(backbone.conv_head(x))
+        pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    @property
+    def num_features(self) -> int:
+        with torch.no_grad():
+            return int(self(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+class ConcatFeatures(nn.Module):
+    """Several frozen backbones side by side: each sees the input at its own native size.
+
+    Args:
+        branches: :class:`PooledFeatures` modules sharing one input normalisation.
+        sizes: input side of each branch; the input is resized (bilinear) where it differs.
+    """
+
+    def __init__(self, branches: Sequence[PooledFeatures], sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.sizes = [int(size) for size in sizes]
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        return self.branches[0].gradcam_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = []
+        for branch, size in zip(self.branches, self.sizes):
+            view = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            outputs.append(branch(view))
+        return torch.cat(outputs, dim=1)
+
+
+def backbone_names(backbone: str) -> list[str]:
+    """``"a+b"`` → ``["a", "b"]``: frozen mode can concatenate several backbones' features."""
+    return [name.strip() for name in backbone.split("+") if name.strip()]
+
+
+def frozen_input_spec(backbone: str) -> tuple[int, tuple, tuple]:
+    """(input size, mean, std) of a possibly combined frozen backbone: the largest native size."""
+    infos = [get_model_info(name) for name in backbone_names(backbone)]
+    if len({(info.mean, info.std) for info in infos}) > 1:
+        raise ValueError(f"backbones in {backbone!r} normalise their inputs differently; combine ones that match")
+    return max(info.input_size for info in infos), infos[0].mean, infos[0].std
+
+
+def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) -> nn.Module:
+    """The frozen feature module for one backbone name or a ``+``-joined combination."""
+    names = backbone_names(backbone)
+    branches = [PooledFeatures(create_model(name, num_classes=1000, pretrained=pretrained), taps) for name in names]
+    if len(branches) == 1:
+        return branches[0]
+    return ConcatFeatures(branches, [get_model_info(name).input_size for name in names])
+
+
+
+class FrozenClassifier(nn.Module):
+    """Pooled features of a frozen backbone, standardised, then a linear or MLP head.
+
+    Args:
+        features: the :class:`PooledFeatures` module.
+        num_features: D, the feature size.
+        num_classes: K.
+        hidden: hidden width of an MLP head; 0 for a linear head.
+    """
+
+    def __init__(self, features: PooledFeatures, num_features: int, num_classes: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.features = features
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_std", torch.ones(num_features))
+        if hidden:
+            self.head: nn.Module = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        else:
+            self.head = nn.Linear(num_features, num_classes)
+
+    @property
+    def gradcam_layer(self) -> nn.Module | None:
+        """The last spatial feature map of the backbone, for Grad-CAM."""
+        return self.features.gradcam_layer
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Logits from already-extracted (N, D) features."""
+        return self.head((features - self.feature_mean) / self.feature_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.features(x))
