@@ -60,10 +60,21 @@ def eval_transform(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
 
 
 def dihedral(tensor: torch.Tensor, index: int) -> torch.Tensor:
-    """One of the 8 flips/90° rotations of the last two dimensions (index 0 is the identity)."""
+    """One of the 8 flips/90° rotations of the last two dimensions (index 0 is the identity).
+
+    The same as ``torch.rot90(tensor, index % 4, dims=(-2, -1))`` after an optional flip, written
+    with flips and a transpose because ONNX has no rot90: the run's views go into the export.
+    """
     if index >= 4:
         tensor = tensor.flip(-1)
-    return torch.rot90(tensor, index % 4, dims=(-2, -1))
+    turns = index % 4
+    if turns == 1:
+        return tensor.transpose(-2, -1).flip(-2)
+    if turns == 2:
+        return tensor.flip(-2).flip(-1)
+    if turns == 3:
+        return tensor.transpose(-2, -1).flip(-1)
+    return tensor
 
 
 def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, views: int) -> torch.Tensor:
