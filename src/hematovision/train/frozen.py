@@ -19,6 +19,45 @@ from hematovision.models.frozen import FrozenClassifier
 log = logging.getLogger(__name__)
 
 
+# Hidden width of the ``mlp`` head.
+MLP_HIDDEN = 512
+
+
+def head_hidden(head: str) -> int:
+    """Hidden width of a frozen head: :data:`MLP_HIDDEN` for ``mlp``, 0 (linear) for ``logreg``."""
+    return MLP_HIDDEN if head == "mlp" else 0
+
+
+def fit_frozen_classifier(
+    features: nn.Module,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    num_classes: int,
+    head: str = "logreg",
+    seed: int = 0,
+) -> tuple[FrozenClassifier, dict]:
+    """The frozen classifier of ``hematovision train --mode frozen``, its head fitted on cached features.
+
+    Args:
+        features: the frozen feature module the features came from (kept in the classifier so
+            that it predicts from images).
+        train_features, val_features: (N, D) and (M, D) features.
+        train_labels, val_labels: (N,) and (M,) integer labels.
+        num_classes: K.
+        head: ``logreg`` or ``mlp`` (see :func:`fit_head`).
+        seed: seeds the MLP head.
+
+    Returns:
+        The classifier and the head's summary (see :func:`fit_head`).
+    """
+    classifier = FrozenClassifier(features, train_features.shape[1], num_classes, hidden=head_hidden(head))
+    summary = fit_head(classifier, train_features, train_labels, val_features, val_labels, num_classes,
+                       head=head, seed=seed)
+    return classifier, summary
+
+
 def fit_head(
     classifier: FrozenClassifier,
     train_features: np.ndarray,

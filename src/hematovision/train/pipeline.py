@@ -14,17 +14,18 @@ import torch
 import hematovision
 from hematovision._io import write_json
 from hematovision.data.folder import LoadedImages, Sample, label_indices, load_images, scan_image_folder
-from hematovision.data.splits import content_groups, file_digests, read_group_csv, train_val_test_split, write_split_csv
+from hematovision.data.splits import (carve_validation, content_groups, file_digests, read_group_csv,
+                                      train_val_test_split, write_split_csv)
 from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError
 from hematovision.evaluate.metrics import fit_temperature, softmax
 from hematovision.models import create_model, get_model_info
-from hematovision.models.frozen import DEFAULT_TAPS, FrozenClassifier, backbone_names, frozen_input_spec
+from hematovision.models.frozen import DEFAULT_TAPS, backbone_names, frozen_input_spec
 from hematovision.run import (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, VAL_DIR, FrozenHead, ModelCard,
                               save_weights, write_card)
 from hematovision.train.features import FeatureExtractor
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
-from hematovision.train.frozen import fit_head
+from hematovision.train.frozen import fit_frozen_classifier, head_hidden
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[s
     elif "val" not in splits:
         # Carve a validation part out of train, whole groups together (needed for early stopping and calibration).
         train_index = [i for i, s in enumerate(splits) if s == "train"]
-        carved = train_val_test_split([labels[i] for i in train_index], [groups[i] for i in train_index],
-                                      fractions=(0.85, 0.15, 0.0), seed=config.seed)
+        carved = carve_validation([labels[i] for i in train_index], [groups[i] for i in train_index], seed=config.seed)
         for i, part in zip(train_index, carved):
             splits[i] = part
     return samples, splits, groups, digests
@@ -186,12 +186,10 @@ def run_training(config: TrainConfig) -> dict:
         for part, loaded in parts.items():
             hashes = [digest_of[sample.path] for sample in loaded.samples]
             features[part] = extractor.extract_cached(loaded.images, hashes) if len(loaded.samples) else np.zeros((0, 1))
-        model = FrozenClassifier(extractor.module, features["train"].shape[1], len(class_names),
-                                 hidden=512 if config.head == "mlp" else 0)
-        summary = fit_head(model, features["train"], y["train"], features["val"], y["val"], len(class_names),
-                           head=config.head, seed=config.seed)
+        model, summary = fit_frozen_classifier(extractor.module, features["train"], y["train"], features["val"],
+                                               y["val"], len(class_names), head=config.head, seed=config.seed)
         card.frozen = FrozenHead(taps=list(extractor.taps), num_features=int(features["train"].shape[1]),
-                                 hidden=512 if config.head == "mlp" else 0, head=summary)
+                                 hidden=head_hidden(config.head), head=summary)
         with torch.no_grad():
             logits = {part: model.forward_head(torch.as_tensor(f, dtype=torch.float32)).numpy()
                       for part, f in features.items() if len(f) and f.shape[1] > 1}
