@@ -9,5 +9,7 @@ Modules (imported on use, so the CLI stays fast):
 * :mod:`~hematovision.segment.metrics` — Dice, IoU, pixel accuracy;
 * :mod:`~hematovision.segment.field` — finding and counting cells in a whole smear field;
 * :mod:`~hematovision.segment.differential` — the differential count report;
-* :mod:`~hematovision.segment.cli` — ``hematovision segment`` and ``hematovision count``.
+* :mod:`~hematovision.segment.files` — segmenting image files (``hematovision segment``);
+* :mod:`~hematovision.segment.training` — a U-Net from a mask dataset (``hematovision segment train``);
+* :mod:`~hematovision.segment.count` — counting a sample's fields (``hematovision count``).
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` subcommand."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``serve``."""
     parser = subparsers.add_parser(
         "serve",
         help="run the web app and JSON API for a trained run",
@@ -32,10 +32,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-pixels", type=int, help="most pixels per image (default 25,000,000)")
     parser.add_argument("--no-gradcam", action="store_true", help="do not offer Grad-CAM heat maps")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    parser.set_defaults(func=run_serve)
+    return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Load the model once and serve until interrupted."""
     from hematovision._optional import optional_import
     from hematovision.serve.settings import Settings

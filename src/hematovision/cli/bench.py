@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hematovision.cli._common import parse_classes
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench``."""
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``bench``."""
     parser = subparsers.add_parser(
         "bench", help="benchmark the papers' methods and ours (k-fold or fixed split)",
         description="Train and test models with their papers' recipes on one dataset; writes results.csv, "
@@ -34,24 +36,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--force", action="store_true", help="recompute finished cells")
     parser.add_argument("--out", required=True, type=Path, help="output folder (cells/, results.csv/.md/.png)")
-    parser.set_defaults(func=run_bench_command)
+    return parser
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
-    from hematovision.data.classes import WBC5
+def run(args: argparse.Namespace) -> int:
+    """Run (or continue) the benchmark and print its summary table."""
     from hematovision.errors import HematoVisionError
-    from hematovision.methods.bench import BenchConfig, run_bench, summary_markdown
+    from hematovision.bench import BenchConfig, run_bench, summary_markdown
 
     if args.folds is not None and args.folds < 2:
         raise HematoVisionError(f"--folds must be at least 2, got {args.folds}")
-    classes = None
-    if args.classes:
-        classes = list(WBC5) if args.classes.strip().lower() == "wbc5" else [c.strip() for c in args.classes.split(",")]
     config = BenchConfig(
         models=[name.strip() for name in args.models.split(",") if name.strip()], data=args.data, out=args.out,
-        folds=args.folds, test_dirs=list(args.test_dir), classes=classes, quick=args.quick, epochs=args.epochs,
-        image_size=args.image_size, random_init=args.random_init, seed=args.seed, threads=args.threads,
-        limit_per_class=args.limit_per_class, ungrouped=args.ungrouped,
+        folds=args.folds, test_dirs=list(args.test_dir), classes=parse_classes(args.classes), quick=args.quick,
+        epochs=args.epochs, image_size=args.image_size, random_init=args.random_init, seed=args.seed,
+        threads=args.threads, limit_per_class=args.limit_per_class, ungrouped=args.ungrouped,
     )
     rows = run_bench(config, force=args.force)
     print(summary_markdown(rows))

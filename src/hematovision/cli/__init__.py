@@ -1,24 +1,24 @@
-"""The ``hematovision`` command line: one parser, thin calls into the library."""
+"""The ``hematovision`` command line: one parser, one thin module per command.
+
+Each command module has ``add_parser(subparsers)``, which adds its sub-parser (argument groups,
+help texts) and returns it, and ``run(args) -> int``, which turns the arguments into one call
+into the library and prints the summary. The modules import only argparse and pathlib at the top,
+so building the parser (``hematovision --help``) stays fast; torch, FastAPI and the rest are
+imported inside ``run``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from hematovision.cli import bench, count, data, evaluate, export, gan, models, predict, segment, serve, train
 from hematovision.errors import HematoVisionError
 
-# Each module here defines ``add_commands(subparsers)``; its subcommands set ``func(args) -> int``.
-COMMAND_MODULES = (
-    "hematovision.commands",          # data, models, train, evaluate, predict
-    "hematovision.methods.cli",       # bench (the papers' methods)
-    "hematovision.segment.cli",       # segment, count
-    "hematovision.gan.cli",           # gan
-    "hematovision.export.cli",        # export
-    "hematovision.serve.cli",         # serve
-)
+# In the order ``hematovision --help`` lists them.
+COMMANDS = (data, models, train, evaluate, predict, bench, segment, count, gan, export, serve)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -29,15 +29,8 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # A part of the package that is not present in this build (work in progress) is skipped.
-            if error.name and module_name.startswith(error.name):
-                continue
-            raise
-        module.add_commands(subparsers)
+    for command in COMMANDS:
+        command.add_parser(subparsers).set_defaults(func=command.run)
     return parser
 
 

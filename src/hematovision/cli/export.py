@@ -6,8 +6,8 @@ import argparse
 import json
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``export`` subcommand."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``export``."""
     parser = subparsers.add_parser(
         "export",
         help="export a run to ONNX and calibrate its review flags for serving",
@@ -29,10 +29,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction of validation cells the OOD threshold accepts (default 0.95)")
     parser.add_argument("--max-train", type=int, default=3000, help="most train images for the OOD model")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.set_defaults(func=run_export)
+    return parser
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Prepare the run folder and print the report."""
     from hematovision.export.prepare import prepare_run
 

@@ -1,0 +1,34 @@
+"""``hematovision evaluate``: score a run on a class-folder dataset or on a part of its own split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hematovision.cli._common import summary_line
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``evaluate``."""
+    evaluate = subparsers.add_parser("evaluate", help="evaluate a run on every image of a folder")
+    evaluate.add_argument("run_dir", type=Path)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="class-folder dataset; all of it is test data")
+    source.add_argument("--split", help="a part of the run's own split.csv instead, e.g. test")
+    evaluate.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<name>)")
+    evaluate.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
+    return evaluate
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, then print the headline metrics and the classes left out."""
+    from hematovision.evaluate.external import evaluate_folder, evaluate_split
+
+    if args.data is not None:
+        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta)
+    else:
+        metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta)
+    print(summary_line(str(args.data or f"{args.split} split"), metrics))
+    if metrics["unknown_classes"]:
+        print(f"left out (unknown to the model): {', '.join(metrics['unknown_classes'])}")
+    return 0

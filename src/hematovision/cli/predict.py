@@ -1,0 +1,34 @@
+"""``hematovision predict``: classify image files and folders into a CSV or JSON file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``predict``."""
+    predict = subparsers.add_parser("predict", help="classify image files and folders")
+    predict.add_argument("run_dir", type=Path)
+    predict.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
+    predict.add_argument("--out", type=Path, required=True, help="output .csv or .json")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
+    return predict
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict, write the file, and print how many images were classified or unreadable."""
+    from hematovision.infer.predictor import Predictor
+    from hematovision.predict import collect_image_paths, predict_files, write_predictions
+
+    predictor = Predictor.from_run_dir(args.run_dir, args.tta)
+    paths = collect_image_paths(args.paths)
+    rows = predict_files(predictor, paths, args.batch_size)
+    write_predictions(rows, predictor.class_names, args.out, args.top_k)
+    errors = [row for row in rows if row.error]
+    print(f"{len(rows) - len(errors)} image(s) classified, {len(errors)} unreadable; written to {args.out}")
+    for row in errors[:10]:
+        print(f"  unreadable: {row.error}")
+    return 0

@@ -1,0 +1,62 @@
+"""``hematovision train``: a classifier run folder (frozen features + head, or fine-tuning)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hematovision.cli._common import parse_classes, summary_line
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train``."""
+    train = subparsers.add_parser("train", help="train a classifier (frozen features + head, or fine-tuning)")
+    data = train.add_argument_group("data")
+    data.add_argument("--data", type=Path, help="dataset folder; split 70/15/15 (seeded, stratified) unless it has train/val/test folders")
+    data.add_argument("--train-dir", type=Path, help="training images (instead of --data)")
+    data.add_argument("--val-dir", type=Path, help="validation images (default: 15%% carved from --train-dir)")
+    data.add_argument("--test-dir", type=Path, help="test images")
+    data.add_argument("--classes", help="comma-separated classes to keep, e.g. basophil,eosinophil,lymphocyte,monocyte,neutrophil")
+    data.add_argument("--group-csv", type=Path, help="CSV mapping file names to groups kept on one side of the split")
+    model = train.add_argument_group("model")
+    model.add_argument("--out", type=Path, required=True, help="run folder to create")
+    model.add_argument("--mode", choices=["frozen", "finetune"], default="frozen")
+    model.add_argument("--backbone", default="efficientnet_lite0", help="registry name (see 'hematovision models')")
+    model.add_argument("--no-pretrained", action="store_true", help="start from random weights (finetune only; reported as such)")
+    model.add_argument("--image-size", type=int, help="input side (default: 224 frozen, 192 finetune)")
+    model.add_argument("--head", choices=["logreg", "mlp"], default="logreg", help="frozen-mode head")
+    model.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8],
+                       help="dihedral views (flips/90° rotations) averaged per image: in frozen features, or in "
+                            "fine-tuned logits at evaluation; prediction uses the same")
+    fit = train.add_argument_group("fine-tuning")
+    fit.add_argument("--epochs", type=int, default=10)
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--balance", choices=["loss", "sampler", "none"], default="loss")
+    fit.add_argument("--strong-augment", action="store_true",
+                     help="also zoom out, blur, lower resolution and shift stains: for images from other labs and scanners")
+    fit.add_argument("--patience", type=int, default=4)
+    fit.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
+    fit.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    train.add_argument("--seed", type=int, default=0)
+    return train
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, then print the headline metrics and where the report is."""
+    from hematovision.train.finetune import FinetuneConfig
+    from hematovision.train.pipeline import TrainConfig, run_training
+
+    config = TrainConfig(
+        out=args.out, data=args.data, train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
+        mode=args.mode, backbone=args.backbone, pretrained=not args.no_pretrained, image_size=args.image_size,
+        classes=parse_classes(args.classes), group_csv=args.group_csv, seed=args.seed,
+        head=args.head, tta=args.tta, resume=args.resume,
+        finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
+                                strong_augment=args.strong_augment, patience=args.patience, seed=args.seed,
+                                max_steps_per_epoch=args.max_steps_per_epoch),
+    )
+    metrics = run_training(config)
+    print(summary_line(f"{metrics['split']} split", metrics))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
