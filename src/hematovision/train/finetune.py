@@ -90,6 +90,18 @@ def multiclass_hinge_loss(logits: Tensor, target: Tensor, weight: Tensor | None 
     return loss.mean()
 
 
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up to 1 over the first ``warmup_steps`` steps, then cosine decay from 1 down to
+    0.01 (reached at ``total_steps``).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
@@ -193,10 +205,7 @@ def finetune(
     optimizer = _optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr, config.weight_decay)
 
     def lr_factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return warmup_cosine_factor(step, warmup_steps, total_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history: list[dict] = []
