@@ -121,8 +121,23 @@ def test_batch_normalised_per_image() -> None:
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
-def test_matches_simpleitk_when_installed() -> None:
-    sitk = pytest.importorskip("SimpleITK")
-    image = np.random.default_rng(4).integers(0, 256, size=(7, 9)).astype(np.float32)
-    reference = sitk.GetArrayFromImage(sitk.Normalize(sitk.GetImageFromArray(image)))
-    np.testing.assert_allclose(normalize_intensity(image[..., None])[..., 0], reference, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("method", ["zscore", "rescale"])
+def test_matches_simpleitk(method: str) -> None:
+    # SimpleITK comes with the test extra; it is imported here only so the rest of the file runs without it.
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is in the test extra: pip install -e '.[test]'")
+
+    def reference(array: np.ndarray, is_vector: bool) -> np.ndarray:
+        image = sitk.GetImageFromArray(array, isVector=is_vector)
+        # RescaleIntensity maps onto 0..255 unless told otherwise; ours maps onto 0..1.
+        out = sitk.Normalize(image) if method == "zscore" else sitk.RescaleIntensity(image, 0.0, 1.0)
+        return sitk.GetArrayFromImage(out)
+
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 256, size=(7, 9)).astype(np.float32)
+    np.testing.assert_allclose(normalize_intensity(grey[..., None], method)[..., 0], reference(grey, False),
+                               rtol=1e-4, atol=1e-5)
+    # An RGB image whose channels have different ranges: SimpleITK treats it as a vector image and
+    # normalises each component on its own, as normalize_intensity does.
+    rgb = rng.integers(0, 256, size=(6, 5, 3)).astype(np.float32) * [1.0, 0.3, 2.0] + [0.0, 40.0, 500.0]
+    np.testing.assert_allclose(normalize_intensity(rgb, method), reference(rgb.astype(np.float32), True),
+                               rtol=1e-4, atol=1e-5)

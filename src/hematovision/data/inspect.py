@@ -35,7 +35,8 @@ def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
                 modes[image.mode] += 1
             if decode:
                 load_rgb(sample.path)
-        except (OSError, ImageLoadError) as error:
+        # Pillow raises its bomb error (not an OSError) from Image.open for headers over 2x its pixel limit.
+        except (OSError, ImageLoadError, Image.DecompressionBombError) as error:
             unreadable.append({"file": str(sample.path), "reason": str(error)})
     by_digest = defaultdict(list)
     for sample, digest in zip(folder.samples, file_digests(folder.samples)):

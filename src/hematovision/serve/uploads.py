@@ -166,7 +166,8 @@ def _unzip(archive: str, data: bytes, limits: UploadLimits, room: int) -> list[R
                 )
             if member.compress_size and member.file_size / member.compress_size > limits.max_zip_ratio:
                 raise UploadError(f"{archive}/{member.filename}: compression ratio is too high (zip bomb?)", 413)
-            # The sizes in the header can lie, so the read itself is capped too.
+            # The sizes in the header can lie: zipfile inflates no more than the declared size
+            # (checked above) and then fails the CRC check; the read is capped too, in case not.
             content = _read_member(archive_file, member, limits.max_file_bytes, archive)
             total += len(content)
             if total > limits.max_zip_bytes:
