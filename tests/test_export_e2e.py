@@ -153,15 +153,15 @@ def _close(a: float, b: float, tol: float = 1e-6) -> bool:
 
 
 def test_onnx_equals_the_predictor_with_the_same_views(run: tuple[Path, dict]) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     run_dir, _ = run
     card = _card(run_dir)
     test = _split(run_dir)["test"]
     images = _images(test)
     logits, _ = _onnx(run_dir, images)
-    # One view on both sides: the exported graph is the network of a single view.
-    predictor = Predictor.from_run_dir(run_dir, views=1)
+    # The exported graph holds the run's own test-time views, as the predictor uses them.
+    predictor = Predictor.from_run_dir(run_dir)
     np.testing.assert_allclose(logits, predictor.logits(list(images)), atol=1e-4, rtol=1e-4)
     probabilities = _softmax(logits, card["temperature"])
     assert np.abs(probabilities - predictor.predict(list(images))).max() < 1e-4
@@ -169,7 +169,7 @@ def test_onnx_equals_the_predictor_with_the_same_views(run: tuple[Path, dict]) -
 
 
 def test_exported_files_match_the_card(run: tuple[Path, dict]) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
     from hematovision.serve.engine import Engine
 
     run_dir, printed = run
@@ -212,7 +212,7 @@ def test_exported_files_match_the_card(run: tuple[Path, dict]) -> None:
 
 
 def test_review_policy_recomputed_from_onnx_outputs(finetune_run: tuple[Path, dict], one_thread: None) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
     from hematovision.serve.engine import Engine
 
     run_dir, _ = finetune_run
@@ -287,12 +287,8 @@ def test_review_policy_recomputed_from_onnx_outputs(finetune_run: tuple[Path, di
     np.testing.assert_allclose([p.confidence for p in served], batch_probs.max(1), atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "export ignores the card's test-time views: model.onnx (and the server on it) runs one view, while "
-    "Predictor averages the frozen features over the card's tta=2 views (issue 11; the architecture issue "
-    "fixes it)"))
 def test_onnx_equals_the_predictor_with_the_cards_views(frozen_run: tuple[Path, dict], one_thread: None) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     run_dir, _ = frozen_run
     assert _card(run_dir)["tta"] == 2

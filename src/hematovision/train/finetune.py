@@ -222,7 +222,7 @@ def finetune(
         history.append(row)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f, val bal acc %.4f",
                  row["epoch"], row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"])
-        # Ties go to the later epoch: same validation score after more training usually generalises better.
+        # Balanced accuracy first, ties broken by the lower validation loss; an exact tie keeps the earlier epoch.
         score = row["val_balanced_accuracy"] - 1e-3 * row["val_loss"]
         if score > best_score:
             best_score, best_epoch, stale = score, epoch, 0

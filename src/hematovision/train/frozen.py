@@ -80,7 +80,11 @@ def fit_head(
     """
     started = time.perf_counter()
     mean = train_features.mean(axis=0)
-    std = train_features.std(axis=0) + 1e-6
+    # A feature constant over the training images (Lite's ReLU6 channels often sit at 0) keeps the
+    # scale 1, as scikit-learn's StandardScaler does: dividing by ~0 would turn its first change at
+    # prediction time into a value of ~1e6, which wrecks an MLP head and the OOD score.
+    std = train_features.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)
     classifier.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
     classifier.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
     train_z = (train_features - mean) / std
