@@ -53,7 +53,7 @@ def main() -> None:
         "lite0 + lite2 (concatenated)": np.concatenate([features["lite0_224"], features["lite2_260"]], axis=1),
     }
     train, val, test = split == "train", split == "val", split == "test"
-    print(f"| features | dim | C | val accuracy | test accuracy |\n|---|---:|---:|---:|---:|")
+    print("| features | dim | C | val accuracy | test accuracy |\n|---|---:|---:|---:|---:|")
     for name, x in candidates.items():
         best = None
         for c in (0.02, 0.05, 0.2):

@@ -19,7 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-from hematovision.data.classes import WBC5
 from hematovision.bench import (
     OURS,
     BenchConfig,
@@ -27,6 +26,7 @@ from hematovision.bench import (
     summarize,
     summary_markdown,
 )
+from hematovision.data.classes import WBC5
 from hematovision.paths import shared_data_dir
 
 log = logging.getLogger("papers_all")

@@ -87,7 +87,8 @@ def markdown(results: dict) -> str:
     s = results["summary"]
     w, p, r = s["wbc"], s["platelet"], s["rbc"]
     lines = [
-        f"BCCD, {results['split']} frames: {results['frames']} (near-duplicate pairs across train/test: {len(results['near_duplicate_leaks'])}).",
+        f"BCCD, {results['split']} frames: {results['frames']} "
+        f"(near-duplicate pairs across train/test: {len(results['near_duplicate_leaks'])}).",
         "",
         "| white cells | value |",
         "|---|---:|",
@@ -111,13 +112,15 @@ def markdown(results: dict) -> str:
         f"(recall of annotated cells {r['recall_of_annotated']:.3f}); {r['unmatched']} found cells are left unmatched. "
         f"{r['outside_boxes']} found cells lie inside no annotated box at all; {r['outside_boxes_at_edge']} of them are centred "
         f"within a radius of the frame edge. "
-        f"Counting only cells centred at least a radius inside the frame: annotated {r['interior_true']}, found {r['interior_found']}, "
+        f"Counting only cells centred at least a radius inside the frame: "
+        f"annotated {r['interior_true']}, found {r['interior_found']}, "
         f"mean error {r['interior_mean_error']:+.2f}, mean absolute error {r['interior_mean_abs_error']:.2f} per frame. "
         f"Median fraction of red-cell-coloured area outside every annotated box: "
         f"{100 * r['unannotated_red_area_fraction_median']:.1f} % (mean {100 * r['unannotated_red_area_fraction_mean']:.1f} %)."),
         "",
         f"Speed: {s['seconds_per_frame']:.3f} s per 640x480 frame ({1 / s['seconds_per_frame']:.2f} frames/s)"
-        + (f"; without classification {s['seconds_per_frame_without_classifier']:.3f} s" if "seconds_per_frame_without_classifier" in s else "")
+        + (f"; without classification {s['seconds_per_frame_without_classifier']:.3f} s"
+           if "seconds_per_frame_without_classifier" in s else "")
         + ".",
     ]
     if "classification" in s:

@@ -58,7 +58,8 @@ def main() -> None:
     load_start = os.getloadavg()
     zheng = split_seg_samples(find_seg_samples(shared / "wbc_seg_zheng"), 0.2, 0.1, 0)["test"][: args.images]
     cells = [load_rgb(s.image_path) for s in zheng]
-    frames = [load_rgb(shared / "bccd" / "JPEGImages" / f"{stem}.jpg") for stem in read_split(shared / "bccd", "test")[: args.images]]
+    frames = [load_rgb(shared / "bccd" / "JPEGImages" / f"{stem}.jpg")
+              for stem in read_split(shared / "bccd", "test")[: args.images]]
     model, config = load_unet(args.unet_run)
     predict_labels(model, cells[0], config)  # warm-up
 

@@ -4,7 +4,8 @@ Reproduce (from the repository root; heavy, run niced)::
 
     nice -n 10 .venv/bin/python benchmarks/segmentation_zheng.py --out runs/seg_zheng
     # reuse a U-Net trained before by 'hematovision segment train' (same split: seed 0, 0.2 test, 0.1 val):
-    nice -n 10 .venv/bin/hematovision segment train --data ../shared/data/wbc_seg_zheng --out runs/unet_zheng --width 8 --epochs 12
+    nice -n 10 .venv/bin/hematovision segment train --data ../shared/data/wbc_seg_zheng --out runs/unet_zheng \\
+        --width 8 --epochs 12
     nice -n 10 .venv/bin/python benchmarks/segmentation_zheng.py --out runs/seg_zheng --unet-run runs/unet_zheng
     # parts separately (results accumulate in --out):
     nice -n 10 .venv/bin/python benchmarks/segmentation_zheng.py --out runs/seg_zheng --parts clustering,bccd
@@ -67,7 +68,8 @@ def main() -> None:
     per_image: list[dict] = []
     if per_image_path.exists():
         with open(per_image_path, newline="") as handle:
-            per_image = [{k: (v if k in ("method", "image") else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+            per_image = [{k: (v if k in ("method", "image") else float(v)) for k, v in row.items()}
+                         for row in csv.DictReader(handle)]
     parts = set(args.parts.split(","))
     if "clustering" in parts:
         per_image = [row for row in per_image if row["method"] == "U-Net"]
@@ -207,7 +209,8 @@ def markdown(results: dict) -> str:
         "",
         "Stability over seeds (clustering methods, nucleus Dice on the test images):",
         "",
-        "| method | mean over seeds | std of the per-seed mean | mean per-image std | images that change with the seed | runs with Dice < 0.8 |",
+        "| method | mean over seeds | std of the per-seed mean | mean per-image std "
+        "| images that change with the seed | runs with Dice < 0.8 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["clustering"].items():

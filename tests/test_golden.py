@@ -74,14 +74,14 @@ def probe_images() -> list[np.ndarray]:
 
 def train_and_probe(recipe: str, work: Path) -> tuple[Path, dict]:
     """Train ``recipe`` on fresh synthetic data under ``work``; return the run folder and its probe outputs."""
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     data = golden_dataset(work / "data")
     out = work / recipe
     assert main([arg.format(data=data, out=out) for arg in RECIPES[recipe]]) == 0
     predictor = Predictor.from_run_dir(out)
     images = probe_images()
-    card = predictor.card
+    card = json.loads((out / "model_card.json").read_text())  # the file, as any reader sees it
     checks = {"finetune.best_epoch": card["finetune"]["best_epoch"]} if card["mode"] == "finetune" else {
         "frozen.num_features": card["frozen"]["num_features"], "frozen.head.C": card["frozen"]["head"]["C"]}
     return out, {
@@ -179,7 +179,7 @@ def _git_head() -> str:
 
 
 def test_a_run_folder_of_todays_format_still_loads_and_predicts_the_same(one_thread: None) -> None:
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
 
     card = json.loads((LEGACY_RUN / "model_card.json").read_text())
     assert card["format"] == 1 and card["mode"] == "finetune" and card["backbone"] == "tiny_cnn"

@@ -151,7 +151,7 @@ def test_interrupted_and_resumed_finetune_equals_the_uninterrupted_run(
     # moved past the last checkpoint, which the resumed run must not depend on.
     steps_per_epoch = math.ceil(card["data"]["n_images"]["train"] / 8)
     interrupt_at = (INTERRUPT_IN_EPOCH - 1) * steps_per_epoch + 2
-    real_optimizer = finetune_module._optimizer
+    real_optimizer = finetune_module.make_optimizer
     steps = {"n": 0}
 
     def interruptible_optimizer(*args, **kwargs):
@@ -165,7 +165,7 @@ def test_interrupted_and_resumed_finetune_equals_the_uninterrupted_run(
         optimizer.register_step_post_hook(count)
         return optimizer
 
-    monkeypatch.setattr(finetune_module, "_optimizer", interruptible_optimizer)
+    monkeypatch.setattr(finetune_module, "make_optimizer", interruptible_optimizer)
     out = tmp_path / "interrupted"
     capsys.readouterr()
     assert main(_finetune_args(data, out)) == 130
@@ -173,7 +173,7 @@ def test_interrupted_and_resumed_finetune_equals_the_uninterrupted_run(
     assert steps["n"] == interrupt_at
     state = finetune_module.load_state(out / "train_state.pt")
     assert state["epoch"] == INTERRUPT_IN_EPOCH - 2 and not (out / "model_card.json").exists()
-    monkeypatch.setattr(finetune_module, "_optimizer", real_optimizer)
+    monkeypatch.setattr(finetune_module, "make_optimizer", real_optimizer)
 
     assert main(_finetune_args(data, out, "--resume")) == 0
     for name in ("model.safetensors", "last.safetensors"):
@@ -255,11 +255,11 @@ def _numpy_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 def test_frozen_prediction_equals_the_head_on_freshly_extracted_features(frozen_run: Path, external: Path,
                                                                         tmp_path: Path) -> None:
     from hematovision.data.images import load_rgb
-    from hematovision.predict import Predictor
+    from hematovision.infer.predictor import Predictor
     from hematovision.train.features import FeatureExtractor
 
     card = json.loads((frozen_run / "model_card.json").read_text())
-    assert card["frozen"]["tta"] == card["tta"] == 2 and card["frozen"]["hidden"] == 0
+    assert card["tta"] == 2 and card["frozen"]["hidden"] == 0
     files = sorted(p for p in external.rglob("*.png") if p.name != "broken.png")
     rng = np.random.default_rng(3)
     # Blends across the decision boundary: the probabilities there are not saturated, so the temperature counts.
@@ -269,7 +269,7 @@ def test_frozen_prediction_equals_the_head_on_freshly_extracted_features(frozen_
 
     # A new extractor from the package's pretrained weights, not the feature cache nor the run's copy.
     extractor = FeatureExtractor(card["backbone"], card["preprocessing"]["image_size"], card["frozen"]["taps"],
-                                 tta=card["frozen"]["tta"])
+                                 tta=card["tta"])
     features = extractor.extract(images).astype(np.float64)
     assert features.shape == (len(images), card["frozen"]["num_features"])
     weights = {key: value.double().numpy() for key, value in load_file(str(frozen_run / "model.safetensors")).items()}

@@ -334,6 +334,7 @@ def recorded_source(run_dir: str | Path, name: str) -> str | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("source_sha256")
+        sha = json.loads(path.read_text()).get("source_sha256")
     except (ValueError, AttributeError):
         return None
+    return sha if isinstance(sha, str) else None

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ class HeadOnly(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        forward_head: Callable[[torch.Tensor], torch.Tensor] = getattr(self.model, "forward_head")
+        # nn.Module.__getattr__ is typed Tensor | Module; forward_head is a timm model method.
+        forward_head = cast(Callable[[torch.Tensor], torch.Tensor], self.model.forward_head)
         return forward_head(features)
 
 

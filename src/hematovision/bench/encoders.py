@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -100,7 +101,8 @@ class LiteJointPass(nn.Module):
         super().__init__()
         self.pooled = pooled
         self._map: torch.Tensor | None = None
-        last_stage: nn.Module = getattr(pooled.backbone, "blocks")[-1]
+        # nn.Module.__getattr__ is typed Tensor | Module; a timm EfficientNet's blocks are a Sequential of stages.
+        last_stage: nn.Module = cast(nn.Sequential, pooled.backbone.blocks)[-1]
         last_stage.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:

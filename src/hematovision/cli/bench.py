@@ -41,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run (or continue) the benchmark and print its summary table."""
-    from hematovision.errors import HematoVisionError
     from hematovision.bench import BenchConfig, run_bench, summary_markdown
+    from hematovision.errors import HematoVisionError
 
     if args.folds is not None and args.folds < 2:
         raise HematoVisionError(f"--folds must be at least 2, got {args.folds}")

@@ -40,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     masks.add_argument("--seed", type=int, default=0, help="random seed (EK-means FCM start; U-Net training)")
     train = segment.add_argument_group("training a U-Net (segment train ...)")
     train.add_argument("--data", type=Path, help="images/ + masks/ folder (Zheng layout) or a BCCD folder")
-    train.add_argument("--mode", choices=["3class", "binary"], default="3class", help="nucleus/cytoplasm/background or cell/background")
+    train.add_argument("--mode", choices=["3class", "binary"], default="3class",
+                       help="nucleus/cytoplasm/background or cell/background")
     train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--image-size", type=int, default=128, help="square input side (divisible by 16)")
     train.add_argument("--width", type=int, default=8, help="channels of the first U-Net block")

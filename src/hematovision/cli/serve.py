@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     optional_import("fastapi", "serve")
     from hematovision.serve.app import create_app
 
-    megabytes = lambda value: None if value is None else int(value * 1024 * 1024)
+    def megabytes(value: float | None) -> int | None:
+        return None if value is None else int(value * 1024 * 1024)
+
     settings = Settings.from_env(
         model=args.model, host=args.host, port=args.port, db=args.db, storage=args.storage,
         backend=args.backend, threads=args.threads, confidence_threshold=args.confidence_threshold,

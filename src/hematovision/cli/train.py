@@ -12,11 +12,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Add ``train``."""
     train = subparsers.add_parser("train", help="train a classifier (frozen features + head, or fine-tuning)")
     data = train.add_argument_group("data")
-    data.add_argument("--data", type=Path, help="dataset folder; split 70/15/15 (seeded, stratified) unless it has train/val/test folders")
+    data.add_argument("--data", type=Path,
+                      help="dataset folder; split 70/15/15 (seeded, stratified) unless it has train/val/test folders")
     data.add_argument("--train-dir", type=Path, help="training images (instead of --data)")
     data.add_argument("--val-dir", type=Path, help="validation images (default: 15%% carved from --train-dir)")
     data.add_argument("--test-dir", type=Path, help="test images")
-    data.add_argument("--classes", help="comma-separated classes to keep, e.g. basophil,eosinophil,lymphocyte,monocyte,neutrophil")
+    data.add_argument("--classes",
+                      help="comma-separated classes to keep, e.g. basophil,eosinophil,lymphocyte,monocyte,neutrophil")
     data.add_argument("--group-csv", type=Path, help="CSV mapping file names to groups kept on one side of the split")
     model = train.add_argument_group("model")
     model.add_argument("--out", type=Path, required=True, help="run folder to create")

@@ -94,7 +94,8 @@ def load_bloodmnist(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     if not path.is_file():
         raise DatasetError(f"BloodMNIST file not found: {path}; run 'hematovision data fetch bloodmnist'")
     with np.load(path) as data:
-        missing = [f"{split}_{kind}" for split in BLOODMNIST_COUNTS for kind in ("images", "labels") if f"{split}_{kind}" not in data]
+        missing = [f"{split}_{kind}" for split in BLOODMNIST_COUNTS for kind in ("images", "labels")
+                   if f"{split}_{kind}" not in data]
         if missing:
             raise DatasetError(f"{path} is not a MedMNIST file: arrays {missing} are missing")
         result = {}

@@ -91,7 +91,8 @@ def _group_labels(labels: Sequence[str], groups: Sequence[str]) -> tuple[list[st
         members[group].append(index)
     order = list(members)
     # A group is stratified by its most common label (groups of mixed labels are rare: cross-class duplicates).
-    group_label = [max(set(labels[i] for i in members[g]), key=lambda lab: sum(labels[i] == lab for i in members[g])) for g in order]
+    group_label = [max(set(labels[i] for i in members[g]), key=lambda lab: sum(labels[i] == lab for i in members[g]))
+                   for g in order]
     return group_label, members
 
 

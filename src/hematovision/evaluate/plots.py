@@ -59,7 +59,9 @@ def plot_per_class_recall(per_class: dict, path: Path, title: str = "") -> Path:
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     for i, value in enumerate(recall):
-        ax.text(min(value, 0.9), i, f"{value:.3f}", va="center", ha="right" if value > 0.15 else "left", color="white" if value > 0.15 else "black")
+        inside = value > 0.15  # a long bar holds its label in white; a short one has it in black beside it
+        ax.text(min(value, 0.9), i, f"{value:.3f}", va="center", ha="right" if inside else "left",
+                color="white" if inside else "black")
     ax.set_xlabel("recall")
     ax.set_title(title or "Per-class recall")
     return _save(fig, path)

@@ -35,7 +35,8 @@ def write_evaluation(out_dir: str | Path, y_true: np.ndarray, y_prob: np.ndarray
     metrics["context"] = context or {}
     write_json(out / "metrics.json", metrics)
     figures = {
-        "confusion_matrix.png": plots.plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png", title),
+        "confusion_matrix.png": plots.plot_confusion_matrix(metrics["confusion_matrix"], class_names,
+                                                            out / "confusion_matrix.png", title),
         "per_class_recall.png": plots.plot_per_class_recall(metrics["per_class"], out / "per_class_recall.png", title),
         "reliability.png": plots.plot_reliability(reliability_bins(y_true, y_prob), out / "reliability.png", title),
     }

@@ -207,7 +207,8 @@ def build_report(
         extra_y += [k] * need
     probe_bal = quality.fit_linear_probe(f_train, y_train, class_weight="balanced", seed=seed)
     probe_aug = quality.fit_linear_probe(np.concatenate([f_train, *extra_x]), np.concatenate([y_train, extra_y]), seed=seed)
-    predictions = {"real": pred_test_real, "real_balanced": probe_bal.predict(f_test), "real_plus_synthetic": probe_aug.predict(f_test)}
+    predictions = {"real": pred_test_real, "real_balanced": probe_bal.predict(f_test),
+                   "real_plus_synthetic": probe_aug.predict(f_test)}
     metrics["check5_augmentation"] = _augmentation_metrics(predictions, y_test, class_names, scarce, added, seed)
 
     metrics["report_seconds"] = round(time.perf_counter() - started, 1)

@@ -83,7 +83,8 @@ class GradCAM:
 
         def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
             captured["maps"] = output
-            output.register_hook(lambda grad: captured.__setitem__("grads", grad))
+            # torch leaves Tensor.register_hook unannotated.
+            output.register_hook(lambda grad: captured.__setitem__("grads", grad))  # type: ignore[no-untyped-call]
 
         handle = self.layer.register_forward_hook(keep)
         was_training = self.model.training
@@ -133,7 +134,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
         from PIL import Image
 
         resized = Image.fromarray(cam.astype(np.float32), mode="F").resize(
-            (image.shape[1], image.shape[0]), Image.BILINEAR
+            (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
         )
         cam = np.asarray(resized)
     blended = (1 - alpha) * image.astype(np.float32) + alpha * jet(cam).astype(np.float32)

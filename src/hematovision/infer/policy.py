@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hematovision._io import atomic_write, write_json
+from hematovision._io import write_bytes, write_json
 from hematovision.run import OOD_FILE, POLICY_FILE
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5  # used only for runs never calibrated; "less likely than not"
@@ -93,11 +93,10 @@ class ReviewPolicy:
     def save(self, run_dir: str | Path) -> None:
         """Write ``serving.json`` and (with an OOD model) ``ood.npz`` into ``run_dir``, atomically."""
         run_dir = Path(run_dir)
-        if self.has_ood:
+        if self.class_means is not None and self.precision is not None:  # self.has_ood, spelled out for the type checker
             buffer = io.BytesIO()
-            np.savez(buffer, class_means=self.class_means.astype(np.float32),  # type: ignore[union-attr]
-                     precision=self.precision.astype(np.float32))  # type: ignore[union-attr]
-            atomic_write(run_dir / OOD_FILE, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+            np.savez(buffer, class_means=self.class_means.astype(np.float32), precision=self.precision.astype(np.float32))
+            write_bytes(run_dir / OOD_FILE, buffer.getvalue())
         write_json(run_dir / POLICY_FILE, {
             "confidence_threshold": self.confidence_threshold,
             "ood_threshold": self.ood_threshold,
@@ -128,7 +127,8 @@ class ReviewPolicy:
 def whitener(precision: np.ndarray) -> np.ndarray:
     """A (D, D) matrix W with ``W @ W.T == precision``, so Mahalanobis distances become Euclidean ones."""
     values, vectors = np.linalg.eigh(precision.astype(np.float64))
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))).astype(np.float32)
+    white: np.ndarray = (vectors * np.sqrt(np.clip(values, 0.0, None))).astype(np.float32)  # np.clip(.., None) is typed Any
+    return white
 
 
 def whitened_scores(features: np.ndarray, white: np.ndarray, white_means: np.ndarray) -> np.ndarray:
@@ -146,7 +146,8 @@ def whitened_scores(features: np.ndarray, white: np.ndarray, white_means: np.nda
     # Differences are taken directly (not expanded into f'Pf - 2f'Pm + m'Pm), which would lose
     # the small distances to cancellation in float32.
     distances = ((projected[:, None, :] - white_means[None, :, :]) ** 2).sum(axis=2, dtype=np.float64)
-    return distances.min(axis=1) / projected.shape[1]
+    scores: np.ndarray = distances.min(axis=1) / projected.shape[1]  # numpy types reductions as Any (they may be scalars)
+    return scores
 
 
 def mahalanobis_scores(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,10 @@ def view_logits(model: nn.Module, batch: Tensor, views: int) -> Tensor:
     before the head, as its head was fitted on averaged features; other models average logits.
     """
     if views > 1 and hasattr(model, "forward_head") and hasattr(model, "features"):
-        return model.forward_head(dihedral_mean(model.features, batch, views))
+        # Found by duck typing; nn.Module.__getattr__ is typed Tensor | Module, so name what they are.
+        features = cast(nn.Module, model.features)
+        forward_head = cast(Callable[[Tensor], Tensor], model.forward_head)
+        return forward_head(dihedral_mean(features, batch, views))
     return dihedral_mean(model, batch, views)
 
 

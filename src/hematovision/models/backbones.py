@@ -13,12 +13,16 @@ import importlib
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from hematovision._io import sha256_file
 from hematovision.models.registry import PretrainedUnavailableError, register_model
+
+if TYPE_CHECKING:  # timm is imported where a model is built, not when the registry loads
+    from timm.models.efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +91,16 @@ def rename_lite_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) ->
     return renamed
 
 
-def build_efficientnet_lite(variant: int, num_classes: int, pretrained: bool, drop_rate: float = 0.2) -> nn.Module:
+def build_efficientnet_lite(variant: int, num_classes: int, pretrained: bool, drop_rate: float = 0.2) -> EfficientNet:
     """timm ``tf_efficientnet_lite{variant}``, with ImageNet weights loaded offline when ``pretrained``."""
     import timm
 
-    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000, drop_rate=drop_rate)
+    model = cast("EfficientNet", timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000,
+                                                   drop_rate=drop_rate))
     if pretrained:
         path = lite_weights_file(variant)
         source = torch.load(path, map_location="cpu", weights_only=True)
-        depths = [len(stage) for stage in model.blocks]
+        depths = [len(cast(nn.Sequential, stage)) for stage in model.blocks]  # each stage is a Sequential of blocks
         model.load_state_dict(rename_lite_keys(source, depths), strict=True)
         log.info("loaded ImageNet weights for EfficientNet-Lite%d from %s", variant, path)
     if num_classes != 1000:
@@ -121,7 +126,7 @@ for _variant in _LITE_WEIGHTS:
     _register_lite(_variant)
 
 
-def build_timm_hub_model(timm_name: str, num_classes: int, pretrained: bool, **kwargs: object) -> nn.Module:
+def build_timm_hub_model(timm_name: str, num_classes: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     """A timm model whose ImageNet weights come from timm's hub (needs the network once).
 
     Raises:
@@ -143,7 +148,7 @@ def build_timm_hub_model(timm_name: str, num_classes: int, pretrained: bool, **k
 
 
 def _register_hub(name: str, timm_name: str, size: int = 224, **extra: object) -> None:
-    def builder(num_classes: int, pretrained: bool = False, **kwargs: object) -> nn.Module:
+    def builder(num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return build_timm_hub_model(timm_name, num_classes, pretrained, **kwargs)
 
     register_model(

@@ -15,6 +15,7 @@ all that inference needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,20 @@ from torch import Tensor, nn
 
 from hematovision.models.registry import create_model, get_model_info
 
+if TYPE_CHECKING:  # timm is imported where a backbone is built, not here
+    from timm.models.efficientnet import EfficientNet
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Stages of timm's EfficientNet whose pooled outputs join the final features (0-based block stages).
 DEFAULT_TAPS = (2, 3, 4, 5)
+
+
+class _TimmModel(Protocol):
+    """What every timm classifier offers: features, then the head (``pre_logits=True``: pooled, no classifier)."""
+
+    def forward_features(self, x: Tensor) -> Tensor: ...
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor: ...
 
 
 class PooledFeatures(nn.Module):
@@ -47,12 +59,14 @@ class PooledFeatures(nn.Module):
     @property
     def gradcam_layer(self) -> nn.Module | None:
         """The module whose output is the last spatial feature map (Grad-CAM looks for this)."""
-        return self.backbone.bn2 if self.is_efficientnet else None
+        return cast("EfficientNet", self.backbone).bn2 if self.is_efficientnet else None
 
     def forward(self, x: Tensor) -> Tensor:
+        # The backbone is a plain nn.Module to the type checker; is_efficientnet says which API it has.
         if not self.is_efficientnet:
-            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        backbone = self.backbone
+            model = cast(_TimmModel, self.backbone)
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+        backbone = cast("EfficientNet", self.backbone)
         x = backbone.bn1(backbone.conv_stem(x))
         pooled = []
         for index, stage in enumerate(backbone.blocks):
@@ -86,7 +100,7 @@ class ConcatFeatures(nn.Module):
 
     @property
     def gradcam_layer(self) -> nn.Module | None:
-        return self.branches[0].gradcam_layer
+        return cast(PooledFeatures, self.branches[0]).gradcam_layer
 
     def forward(self, x: Tensor) -> Tensor:
         outputs = []
@@ -101,7 +115,7 @@ def backbone_names(backbone: str) -> list[str]:
     return [name.strip() for name in backbone.split("+") if name.strip()]
 
 
-def frozen_input_spec(backbone: str) -> tuple[int, tuple, tuple]:
+def frozen_input_spec(backbone: str) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
     """(input size, mean, std) of a possibly combined frozen backbone: the largest native size."""
     infos = [get_model_info(name) for name in backbone_names(backbone)]
     if len({(info.mean, info.std) for info in infos}) > 1:
@@ -109,7 +123,7 @@ def frozen_input_spec(backbone: str) -> tuple[int, tuple, tuple]:
     return max(info.input_size for info in infos), infos[0].mean, infos[0].std
 
 
-def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) -> nn.Module:
+def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) -> PooledFeatures | ConcatFeatures:
     """The frozen feature module for one backbone name or a ``+``-joined combination."""
     names = backbone_names(backbone)
     branches = [PooledFeatures(create_model(name, num_classes=1000, pretrained=pretrained), taps) for name in names]
@@ -123,13 +137,18 @@ class FrozenClassifier(nn.Module):
     """Pooled features of a frozen backbone, standardised, then a linear or MLP head.
 
     Args:
-        features: the :class:`PooledFeatures` module.
+        features: the :class:`PooledFeatures` module, or :class:`ConcatFeatures` of several.
         num_features: D, the feature size.
         num_classes: K.
         hidden: hidden width of an MLP head; 0 for a linear head.
     """
 
-    def __init__(self, features: PooledFeatures, num_features: int, num_classes: int, hidden: int = 0) -> None:
+    # Registered buffers, declared so that they read as tensors (nn.Module.__getattr__ is typed Tensor | Module).
+    feature_mean: Tensor
+    feature_std: Tensor
+
+    def __init__(self, features: PooledFeatures | ConcatFeatures, num_features: int, num_classes: int,
+                 hidden: int = 0) -> None:
         super().__init__()
         self.features = features
         self.register_buffer("feature_mean", torch.zeros(num_features))
@@ -146,7 +165,8 @@ class FrozenClassifier(nn.Module):
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits from already-extracted (N, D) features."""
-        return self.head((features - self.feature_mean) / self.feature_std)
+        logits: Tensor = self.head((features - self.feature_mean) / self.feature_std)
+        return logits
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.features(x))

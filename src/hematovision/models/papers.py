@@ -22,6 +22,8 @@ Sources (the short names used in the docs):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +40,9 @@ from hematovision.models.registry import (
     register_model,
 )
 
+if TYPE_CHECKING:  # timm is imported where a model is built, not here
+    from timm.models.vgg import VGG
+
 # Half-range normalisation for the small from-scratch models: RGB in [0, 1] -> [-1, 1].
 HALF = (0.5, 0.5, 0.5)
 
@@ -52,7 +57,8 @@ def _xavier_init(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 # --------------------------------------------------------------------------- W-Net
@@ -91,7 +97,8 @@ class WNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, K) logits (W-Net) or class scores (W-Net-SVM)."""
-        return self.classifier(self.features(x))
+        logits: Tensor = self.classifier(self.features(x))
+        return logits
 
 
 @register_model(family="paper", input_size=128, mean=HALF, std=HALF,
@@ -149,7 +156,8 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, S, S) per-pixel-standardised images -> (N, K) logits."""
-        return self.classifier(self.features(x))
+        logits: Tensor = self.classifier(self.features(x))
+        return logits
 
 
 @register_model(family="paper", input_size=128, mean=HALF, std=HALF)
@@ -186,7 +194,8 @@ class RowRNN(nn.Module):
         """(N, 3, S, S) -> (N, K) logits."""
         rows = x.permute(0, 2, 3, 1).flatten(2)  # (N, S rows, S*3)
         _, (hidden, _) = self.lstm(rows)
-        return self.fc(hidden[-1])
+        logits: Tensor = self.fc(hidden[-1])
+        return logits
 
 
 @register_model(family="paper", input_size=128, mean=HALF, std=HALF)
@@ -214,7 +223,8 @@ class LiteEncoder(nn.Module):
         self.tail = nn.Sequential(net.conv_head, net.bn2)  # used by the heads, pretrained too
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.bn1(self.conv_stem(x)))
+        fmap: Tensor = self.blocks(self.bn1(self.conv_stem(x)))
+        return fmap
 
 
 class CNNRNN(nn.Module):
@@ -262,7 +272,8 @@ class CNNRNN(nn.Module):
         _, state = self.rnn(rows)
         hidden = state[0] if isinstance(state, tuple) else state  # LSTM gives (h, c)
         rnn = hidden.transpose(0, 1).flatten(1)  # (N, layers*directions*hidden)
-        return self.fc(self.dropout(torch.cat([cnn, rnn], dim=1)))
+        logits: Tensor = self.fc(self.dropout(torch.cat([cnn, rnn], dim=1)))
+        return logits
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, K) logits."""
@@ -306,11 +317,13 @@ class TransferNet(nn.Module):
 
     def forward_head(self, fmap: Tensor) -> Tensor:
         """Encoder output -> (N, K) logits."""
-        return self.head(fmap)
+        logits: Tensor = self.head(fmap)
+        return logits
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, K) logits."""
-        return self.head(self.encoder(x))
+        logits: Tensor = self.head(self.encoder(x))
+        return logits
 
 
 class _VGGHead(nn.Module):
@@ -320,7 +333,8 @@ class _VGGHead(nn.Module):
         self.pre_logits, self.head = pre_logits, head
 
     def forward(self, fmap: Tensor) -> Tensor:
-        return self.head(self.pre_logits(fmap))
+        logits: Tensor = self.head(self.pre_logits(fmap))
+        return logits
 
 
 class _LiteTransferHead(nn.Module):
@@ -333,7 +347,8 @@ class _LiteTransferHead(nn.Module):
                                 nn.Linear(hidden, num_classes))
 
     def forward(self, fmap: Tensor) -> Tensor:
-        return self.fc(self.tail(fmap).relu().mean(dim=(2, 3)))
+        logits: Tensor = self.fc(self.tail(fmap).relu().mean(dim=(2, 3)))
+        return logits
 
 
 @register_model(family="paper", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -344,7 +359,7 @@ def vgg19_transfer(num_classes: int, pretrained: bool = False, dropout: float = 
     Offline, ``pretrained=True`` raises :class:`PretrainedUnavailableError`; ``pretrained=False``
     builds a randomly initialised VGG19 (all layers trainable) that must be reported as such.
     """
-    net = build_timm_hub_model("vgg19.tv_in1k", num_classes, pretrained, drop_rate=dropout)
+    net = cast("VGG", build_timm_hub_model("vgg19.tv_in1k", num_classes, pretrained, drop_rate=dropout))
     encoder = net.features
     if pretrained:
         _freeze(encoder)
@@ -373,8 +388,9 @@ def alexnet(num_classes: int, pretrained: bool = False) -> nn.Module:
     from torchvision.models import AlexNet_Weights
     from torchvision.models import alexnet as build
 
+    # torchvision ships no type information: its models are Any to the type checker.
     if not pretrained:
-        return build(weights=None, num_classes=num_classes)
+        return cast(nn.Module, build(weights=None, num_classes=num_classes))
     try:
         model = build(weights=AlexNet_Weights.IMAGENET1K_V1)
     except Exception as error:  # download errors come in many types
@@ -383,4 +399,4 @@ def alexnet(num_classes: int, pretrained: bool = False) -> nn.Module:
             "them once, which needs a network. Use --no-pretrained for a random initialisation (reported as such)."
         ) from error
     model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
-    return model
+    return cast(nn.Module, model)

@@ -21,7 +21,8 @@ class TinyCNN(nn.Module):
         self.classifier = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+        logits: Tensor = self.classifier(self.pool(self.features(x)).flatten(1))
+        return logits
 
 
 @register_model(family="test", input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

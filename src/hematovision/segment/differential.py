@@ -177,7 +177,8 @@ def write_differential(
 
     paths = {
         "markdown": write_text(out_dir / "differential.md", markdown),
-        "html": write_text(out_dir / "differential.html", _html_report(title, total, table, review, thumbs, review_below, images_without_cells)),
+        "html": write_text(out_dir / "differential.html",
+                           _html_report(title, total, table, review, thumbs, review_below, images_without_cells)),
         "csv": _write_csv(out_dir / "differential.csv", table),
         "cells": _write_csv(out_dir / "cells.csv", [
             {"image": c.image, "cell": c.index, "x0": c.box[0], "y0": c.box[1], "x1": c.box[2], "y1": c.box[3],

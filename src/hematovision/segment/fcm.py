@@ -97,7 +97,7 @@ def fuzzy_cmeans(
     centers = _fcm_centers(points, memberships, m)
     converged = False
     iteration = 0
-    for iteration in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):  # noqa: B007 (the count is returned after the loop)
         new_memberships = fcm_memberships(points, centers, m)
         change = float(np.abs(new_memberships - memberships).max())
         memberships = new_memberships

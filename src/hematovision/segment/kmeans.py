@@ -95,7 +95,7 @@ def kmeans(
         if centers.shape != (n_clusters, points.shape[1]):
             raise HematoVisionError(f"init centres must have shape {(n_clusters, points.shape[1])}, got {centers.shape}")
     iteration = 0
-    for iteration in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):  # noqa: B007 (the count is returned after the loop)
         labels = _squared_distances(points, centers).argmin(axis=1)
         counts = np.bincount(labels, minlength=n_clusters)
         sums = np.zeros_like(centers)

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from hematovision._io import atomic_write
+from hematovision._io import write_bytes
 from hematovision.serve.batching import MicroBatcher
 from hematovision.serve.db import (
     EXCLUDED,
@@ -62,7 +62,8 @@ class AppState:
 
 def get_state(request: Request) -> AppState:
     """FastAPI dependency: the app's shared state."""
-    return request.app.state.hv
+    state: AppState = request.app.state.hv  # set by create_app; Starlette's State holds untyped attributes
+    return state
 
 
 State = Annotated[AppState, Depends(get_state)]
@@ -305,7 +306,7 @@ def prediction_heatmap(prediction_id: int, state: State, label: str | None = Non
     # Shown at most 384 px wide/high: enough for the page, cheap to send.
     scale = min(1.0, 384 / max(image.shape[:2]))
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    shown = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)) if scale < 1 else image
+    shown = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)) if scale < 1 else image
     buffer = io.BytesIO()
     Image.fromarray(overlay(shown, cam)).save(buffer, format="PNG")
     return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
@@ -368,7 +369,7 @@ def _store(state: AppState, sample: str, raw_images: list[RawImage],
         stored_name = f"{digest[:2]}/{digest}{EXTENSIONS[raw.kind]}"
         path = _stored_path(state, stored_name)
         if not path.exists():
-            atomic_write(path, lambda tmp, data=raw.data: tmp.write_bytes(data))
+            write_bytes(path, raw.data)
         records.append(PredictionRecord(
             filename=raw.filename, stored_name=stored_name, sha256=digest, width=width, height=height,
             label=prediction.label, confidence=prediction.confidence, probabilities=prediction.probabilities,

@@ -221,7 +221,8 @@ class Database:
             page_size: analyses per page.
             status: keep only ``unreviewed``, ``partial``, ``reviewed`` or ``needs_review`` ones.
         """
-        conditions, parameters = [], []
+        conditions: list[str] = []
+        parameters: list[str | int] = []
         query = query.strip()
         if query:
             pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

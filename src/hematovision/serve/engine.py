@@ -230,7 +230,8 @@ class Engine:
             if self._gradcam is None:
                 self._gradcam = GradCAM(self.model)
             cams, _ = self._gradcam(inputs, target)
-        return cams[0]
+        cam: np.ndarray = cams[0]  # numpy types an index into an array as Any
+        return cam
 
     def describe(self) -> dict[str, Any]:
         """The model card plus how it is served, for ``GET /api/v1/model``."""

@@ -14,15 +14,30 @@ import torch
 import hematovision
 from hematovision._io import write_json
 from hematovision.data.folder import LoadedImages, Sample, label_indices, load_images, scan_image_folder
-from hematovision.data.splits import (carve_validation, content_groups, file_digests, read_group_csv,
-                                      train_val_test_split, write_split_csv)
+from hematovision.data.splits import (
+    carve_validation,
+    content_groups,
+    file_digests,
+    read_group_csv,
+    train_val_test_split,
+    write_split_csv,
+)
 from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError
 from hematovision.evaluate.metrics import fit_temperature, softmax
 from hematovision.models import create_model, get_model_info
 from hematovision.models.frozen import DEFAULT_TAPS, backbone_names, frozen_input_spec
-from hematovision.run import (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, VAL_DIR, FrozenHead, ModelCard,
-                              save_weights, write_card)
+from hematovision.run import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    SPLIT_FILE,
+    UNREADABLE_FILE,
+    VAL_DIR,
+    FrozenHead,
+    ModelCard,
+    save_weights,
+    write_card,
+)
 from hematovision.train.features import FeatureExtractor
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
 from hematovision.train.frozen import fit_frozen_classifier, head_hidden
@@ -171,7 +186,8 @@ def run_training(config: TrainConfig) -> dict:
             "n_images": {part: len(loaded.samples) for part, loaded in parts.items()},
             "unreadable_files": len(failures),
             "seed": config.seed,
-            "split": "given folders" if config.train_dir or any(s.split for s in samples) else "seeded stratified 70/15/15, duplicate files grouped",
+            "split": ("given folders" if config.train_dir or any(s.split for s in samples)
+                      else "seeded stratified 70/15/15, duplicate files grouped"),
         },
         hematovision_version=hematovision.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
