@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hematovision.cli import main
-from hematovision.errors import HematoVisionError
 from hematovision.bench import (
     BenchConfig,
     Recipe,
@@ -21,6 +19,8 @@ from hematovision.bench import (
     to_tensor,
 )
 from hematovision.bench import runner as bench
+from hematovision.cli import main
+from hematovision.errors import HematoVisionError
 
 COLORS = {"lymphocyte": (180, 60, 60), "monocyte": (60, 170, 60), "neutrophil": (60, 60, 190)}
 

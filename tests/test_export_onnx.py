@@ -91,8 +91,8 @@ def synthetic_run(root: Path) -> tuple[Path, SimpleNamespace]:
 
 
 def test_prepare_run_exports_quantises_and_calibrates(tmp_path: Path, one_thread: None) -> None:
-    from hematovision.infer.policy import ReviewPolicy
     from hematovision.export.prepare import prepare_run
+    from hematovision.infer.policy import ReviewPolicy
 
     run, predictor = synthetic_run(tmp_path)
     report = prepare_run(run, int8=True, predictor=predictor, threads=1)

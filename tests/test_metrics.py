@@ -5,7 +5,10 @@ import pytest
 from sklearn import metrics as skm
 
 from hematovision.evaluate.metrics import (
-    classification_metrics, expected_calibration_error, fit_temperature, softmax,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
 )
 
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2, 2, 1])
@@ -45,6 +48,7 @@ def test_temperature_recovers_overconfidence() -> None:
 
 
 def test_absent_class_gives_no_auc() -> None:
-    result = classification_metrics(np.array([0, 0, 1]), np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.8, 0.0]]), ["a", "b", "c"])
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.8, 0.0]])
+    result = classification_metrics(np.array([0, 0, 1]), probabilities, ["a", "b", "c"])
     assert result["roc_auc_ovr"] is None
     assert result["per_class"]["c"]["support"] == 0

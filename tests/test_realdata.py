@@ -15,9 +15,9 @@ def test_pretrained_backbone_beats_random_initialisation(shared_data: Path) -> N
     """Frozen ImageNet features separate PBC cells far better than the same network at random init."""
     from sklearn.linear_model import LogisticRegression
 
+    from hematovision.data.transforms import Preprocessing, normalize
     from hematovision.models import create_model
     from hematovision.models.frozen import PooledFeatures
-    from hematovision.data.transforms import Preprocessing, normalize
 
     root = shared_data / "pbc_dev"
     if not root.is_dir():

@@ -28,7 +28,8 @@ def cell_images(tmp_path: Path) -> Path:
     return folder
 
 
-def test_segment_ekmeans_writes_masks_overlays_and_features(cell_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_segment_ekmeans_writes_masks_overlays_and_features(cell_images: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     assert main(["segment", str(cell_images), "--method", "ekmeans", "--out", str(out)]) == 0
     mask = np.asarray(Image.open(out / "cell1_mask.png"))

@@ -8,7 +8,12 @@ from PIL import Image
 
 from hematovision.data.folder import Sample, scan_image_folder
 from hematovision.data.splits import (
-    content_groups, kfold_assignment, read_group_csv, read_split_csv, train_val_test_split, write_split_csv,
+    content_groups,
+    kfold_assignment,
+    read_group_csv,
+    read_split_csv,
+    train_val_test_split,
+    write_split_csv,
 )
 from hematovision.errors import DatasetError
 

@@ -14,7 +14,8 @@ from hematovision.errors import DatasetError, HematoVisionError
 
 def _tiny_finetune(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--data", str(data), "--out", str(out), "--mode", "finetune", "--backbone", "tiny_cnn",
-                 "--no-pretrained", "--image-size", "32", "--epochs", "15", "--patience", "20", "--batch-size", "8", "--lr", "0.01", "--seed", "1", *extra])
+                 "--no-pretrained", "--image-size", "32", "--epochs", "15", "--patience", "20", "--batch-size", "8",
+                 "--lr", "0.01", "--seed", "1", *extra])
 
 
 @pytest.fixture(scope="module")
