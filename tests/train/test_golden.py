@@ -12,7 +12,7 @@ must still load it and predict the same probabilities.
 Regenerating is a deliberate act, only when a change of results is intended (say so in the
 commit message); see ``tests/fixtures/golden/README.md``::
 
-    HEMATOVISION_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
+    HEMATOVISION_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/train/test_golden.py
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from synthetic import CLASS_STYLES, make_dataset, synthetic_cell
 import hematovision
 from hematovision.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOLDEN = FIXTURES / "golden"
 LEGACY_RUN = FIXTURES / "legacy_run_v1"
 REGENERATE = {part.strip() for part in os.environ.get("HEMATOVISION_REGENERATE_GOLDEN", "").split(",") if part.strip()}
 
-DATA = ("golden_dataset(DATA) in tests/test_golden.py: tests/synthetic.py make_dataset per class, 40 px, "
+DATA = ("golden_dataset(DATA) in tests/train/test_golden.py: tests/synthetic.py make_dataset per class, 40 px, "
         "14 neutrophil (seed 0), 8 lymphocyte (seed 1), 11 eosinophil (seed 2)")
 RECIPES = {
     "tiny_cnn_finetune": ["train", "--data", "{data}", "--out", "{out}", "--mode", "finetune", "--backbone", "tiny_cnn",
@@ -101,11 +101,11 @@ def _write_golden(path: Path, recipe: str, outputs: dict) -> None:
     import sklearn
 
     record = {
-        "about": "Golden outputs of tests/test_golden.py; regenerate only for an intended change of results (README.md).",
+        "about": "Golden outputs of tests/train/test_golden.py; regenerate only for an intended change of results (README.md).",
         "recipe": recipe,
         "command": "hematovision " + " ".join(RECIPES[recipe]),
         "data": DATA,
-        "probe": "probe_images() in tests/test_golden.py (in memory, numpy seed 2024)",
+        "probe": "probe_images() in tests/train/test_golden.py (in memory, numpy seed 2024)",
         "versions": {"hematovision": hematovision.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "scikit-learn": sklearn.__version__},
         "torch_threads": torch.get_num_threads(),
@@ -161,7 +161,7 @@ def _write_legacy_run(run: Path, outputs: dict) -> None:
     shutil.copyfile(run / "model.safetensors", LEGACY_RUN / "model.safetensors")
     (LEGACY_RUN / "expected.json").write_text(json.dumps({
         "about": "Probe outputs of this run folder when it was made; later code must load it and give the same.",
-        "probe": "probe_images() in tests/test_golden.py",
+        "probe": "probe_images() in tests/train/test_golden.py",
         "made_by": f"hematovision {hematovision.__version__} (git {_git_head()}), torch {torch.__version__}",
         "logits": _rounded(outputs["logits"]),
         "probabilities": _rounded(outputs["probabilities"]),
