@@ -67,6 +67,7 @@ def test_pretrained_backbone_gets_new_head() -> None:
     assert model.hv_pretrained is True
 
 
+@pytest.mark.slow  # timm tries the hub and its URL fallback before giving up: ~45 s offline
 def test_hub_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PretrainedUnavailableError, match="network|offline"):
