@@ -134,7 +134,7 @@ def main() -> int:
     else:
         built, run, setup = build_frozen_run(args.per_class, args.seed, args.threads)
         predictor, forward = built.predictor, built.forward
-    policy = calibrate(forward, predictor.class_names, predictor.prep.image_size, read_run_split(run),
+    policy = calibrate(forward, predictor.class_names, predictor.prep, read_run_split(run),
                        predictor.temperature, args.target_accuracy, args.ood_quantile)
     result = {"setup": setup, **policy.describe()}
 

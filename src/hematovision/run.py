@@ -49,7 +49,7 @@ EXPORT_FILE = "export.json"
 POLICY_FILE = "serving.json"
 OOD_FILE = "ood.npz"
 
-CARD_FORMAT = 2
+CARD_FORMAT = 3
 MODES = ("frozen", "finetune")
 VIEWS = (1, 2, 4, 8)
 
@@ -95,6 +95,10 @@ class ModelCard:
         metrics: the held-out split's headline metrics.
         files: sha256 of the weight file (``{"model.safetensors": {"sha256": ...}}``).
         split_file: the split CSV's name inside the run folder.
+        adaptation: for a run made by ``hematovision adapt``: what was adapted (normalisation,
+            head, temperature, review policy), on which cells of which lab, and the source run.
+        shift: the lab-shift score's reference (training-feature statistics) and its calibrated
+            warning threshold (see :mod:`hematovision.infer.shift`).
         hematovision_version, created, torch, platform, train_seconds: provenance.
         format: the card format version.
     """
@@ -113,6 +117,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     split_file: str = SPLIT_FILE
+    adaptation: dict[str, Any] | None = None
+    shift: dict[str, Any] | None = None
     hematovision_version: str = ""
     created: str = ""
     torch: str = ""
@@ -187,12 +193,14 @@ def _preprocessing(data: Any) -> Preprocessing:
         prep = Preprocessing.from_dict(data)
         values = (*prep.mean, *prep.std)
         ok = (8 <= prep.image_size <= 4096 and len(prep.mean) == 3 and len(prep.std) == 3
-              and all(math.isfinite(v) for v in values) and all(s > 0 for s in prep.std))
+              and all(math.isfinite(v) for v in values) and all(s > 0 for s in prep.std)
+              and (prep.cell_scale is None or 0 < prep.cell_scale <= 1)
+              and (prep.stain is None or isinstance(prep.stain, dict)))
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
         raise RunFolderError(f"{CARD_FILE}: preprocessing must give image_size (8-4096 px), mean and std "
-                             f"(3 finite numbers each, std above 0); found {data!r}")
+                             f"(3 finite numbers each, std above 0), and cell_scale in (0, 1] if any; found {data!r}")
     return prep
 
 
@@ -213,7 +221,12 @@ def _migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
             frozen.pop("tta", None)
             data["frozen"] = frozen
         data.pop("model_kwargs", None)  # never written: models were always built with their defaults
-        data["format"] = CARD_FORMAT
+        version = 2
+    if version == 2:
+        # Format 3 added optional fields (adaptation, shift, cell_scale and stain in preprocessing);
+        # a format 2 card simply has none of them.
+        version = 3
+    data["format"] = version
     return data
 
 

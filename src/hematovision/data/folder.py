@@ -11,13 +11,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from hematovision.data.classes import normalize_class_name
 from hematovision.data.images import ImageLoadError, is_image_file, load_rgb
-from hematovision.data.transforms import resize
+from hematovision.data.transforms import Preprocessing, resize
 from hematovision.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -148,16 +149,23 @@ class LoadedImages:
     failures: list[tuple[Path, str]]
 
 
-def load_images(samples: Sequence[Sample], size: int, desc: str = "loading images", workers: int = 2) -> LoadedImages:
-    """Decode and resize ``samples`` to (size, size); unreadable files are reported and skipped.
+def load_images(samples: Sequence[Sample], size: int | Preprocessing, desc: str = "loading images",
+                workers: int = 2) -> LoadedImages:
+    """Decode ``samples`` to model input pixels; unreadable files are reported and skipped.
+
+    Args:
+        size: a side in pixels (plain resize), or a model's :class:`Preprocessing`, whose
+            :meth:`~Preprocessing.prepare` (scale and stain normalisation, then the resize) is applied.
 
     A progress bar shows the rate; decoding runs in ``workers`` threads (Pillow releases the GIL).
     """
+    prepare = size.prepare if isinstance(size, Preprocessing) else partial(resize, size=size)
+    side = size.image_size if isinstance(size, Preprocessing) else size
     from tqdm.auto import tqdm
 
     def load_one(sample: Sample) -> np.ndarray | str:
         try:
-            return resize(load_rgb(sample.path), size)
+            return prepare(load_rgb(sample.path))
         except ImageLoadError as error:
             return str(error)
 
@@ -172,7 +180,7 @@ def load_images(samples: Sequence[Sample], size: int, desc: str = "loading image
                 kept.append(sample)
     if failures:
         log.warning("skipped %d unreadable file(s) of %d, e.g. %s", len(failures), len(samples), failures[0][1])
-    array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    array = np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
     return LoadedImages(array, kept, failures)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,18 +25,45 @@ class Preprocessing:
         image_size: side of the square model input, in pixels.
         mean: per-channel mean subtracted from RGB in [0, 1].
         std: per-channel std divided after subtracting the mean.
+        cell_scale: scale normalisation: the white cell is found in the image and the image is
+            resampled so that the cell's diameter is this fraction of ``image_size``, whatever the
+            microscope's magnification (``None``: the whole image is resized as it is).
+        stain: stain normalisation to a reference (see :mod:`hematovision.data.stain`), e.g.
+            ``{"method": "reinhard", ...reference statistics}``; ``None``: colours as they are.
     """
 
     image_size: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    cell_scale: float | None = None
+    stain: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        # Cards of runs without these steps keep the layout older readers know.
+        return {key: value for key, value in data.items() if value is not None or key not in ("cell_scale", "stain")}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        cell_scale = data.get("cell_scale")
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),  # type: ignore[arg-type]
+                   None if cell_scale is None else float(cell_scale), data.get("stain"))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """A decoded RGB uint8 image (H, W, 3) → the model's input pixels (S, S, 3) uint8.
+
+        The one path from a file's pixels to what the network sees, at training and at
+        inference alike: scale normalisation, stain normalisation, then the resize.
+        """
+        if self.cell_scale is not None:
+            from hematovision.data.scale import rescale_to_cell
+
+            image = rescale_to_cell(image, self.cell_scale)
+        if self.stain is not None:
+            from hematovision.data.stain import normalize_stain
+
+            image = normalize_stain(image, self.stain)
+        return resize(image, self.image_size)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -56,7 +84,7 @@ def normalize(images: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.T
 
 def eval_transform(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     """The deterministic transform used for validation, test and prediction."""
-    return normalize(resize(image, prep.image_size), prep)
+    return normalize(prep.prepare(image), prep)
 
 
 def dihedral(tensor: torch.Tensor, index: int) -> torch.Tensor:

@@ -62,7 +62,7 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     chosen = [sample for sample in samples if sample.label in known]
     if not chosen:
         raise DatasetError(f"{context['data']} has no images of the model's classes {predictor.class_names}")
-    loaded = load_images(chosen, predictor.prep.image_size, desc="loading")
+    loaded = load_images(chosen, predictor.prep, desc="loading")
     if not loaded.samples:
         raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
     probabilities = predictor.predict(list(loaded.images))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hematovision.data.folder import Sample
+from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import DEFAULT_CONFIDENCE_THRESHOLD, ReviewPolicy, mahalanobis_scores
@@ -174,7 +175,7 @@ def read_run_split(run_dir: str | Path, split_file: str = SPLIT_FILE) -> dict[st
 def calibrate(
     forward: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     class_names: Sequence[str],
-    image_size: int,
+    prep: Preprocessing,
     splits: dict[str, list[Sample]],
     temperature: float = 1.0,
     target_accuracy: float = 0.99,
@@ -191,7 +192,7 @@ def calibrate(
     Args:
         forward: (N, S, S, 3) uint8 → (logits (N, K), features (N, D)).
         class_names: the model's classes, in output order.
-        image_size: the model's input side S.
+        prep: the model's preprocessing (how a file's pixels become its input).
         splits: samples per split; needs ``train`` and ``val``, uses ``test`` when present.
         temperature: the run's calibrated softmax temperature.
         target_accuracy: accuracy wanted among predictions not flagged for low confidence.
@@ -209,11 +210,11 @@ def calibrate(
     if len(train) > max_train:
         train = [train[i] for i in sorted(rng.choice(len(train), max_train, replace=False))]
 
-    loaded = load_images(train, image_size, desc="train images")
+    loaded = load_images(train, prep, desc="train images")
     _, train_features = batched_forward(forward, loaded.images, desc="train features")
     means, precision = fit_mahalanobis(train_features, label_indices(loaded.samples, class_names))
 
-    val = load_images(splits["val"], image_size, desc="val images")
+    val = load_images(splits["val"], prep, desc="val images")
     val_logits, val_features = batched_forward(forward, val.images, desc="val features")
     val_probs = softmax(val_logits, temperature)
     val_true = label_indices(val.samples, class_names)
@@ -232,7 +233,7 @@ def calibrate(
     }
     policy = ReviewPolicy(threshold, ood_threshold, means, precision, calibrated=True, info=info)
     if splits.get("test"):
-        info["evaluation"] = evaluate_policy(policy, forward, class_names, image_size, splits["test"],
+        info["evaluation"] = evaluate_policy(policy, forward, class_names, prep, splits["test"],
                                              temperature, seed)
     return policy
 
@@ -241,16 +242,14 @@ def evaluate_policy(
     policy: ReviewPolicy,
     forward: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     class_names: Sequence[str],
-    image_size: int,
+    prep: Preprocessing,
     test: list[Sample],
     temperature: float = 1.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """How the review rules do on held-out cells and on photos that are not blood cells."""
     from hematovision.data.folder import label_indices, load_images
-    from hematovision.data.transforms import resize
-
-    loaded = load_images(test, image_size, desc="test images")
+    loaded = load_images(test, prep, desc="test images")
     logits, features = batched_forward(forward, loaded.images, desc="test features")
     probs = softmax(logits, temperature)
     true = label_indices(loaded.samples, class_names)
@@ -261,7 +260,7 @@ def evaluate_policy(
     flagged = low | (ood > policy.ood_threshold)
 
     photos = non_cell_photos(seed=seed)
-    photo_batch = np.stack([resize(p, image_size) for p in photos])
+    photo_batch = np.stack([prep.prepare(p) for p in photos])
     photo_logits, photo_features = batched_forward(forward, photo_batch, desc="photo features")
     photo_probs = softmax(photo_logits, temperature)
     photo_ood = policy.ood_scores(photo_features)

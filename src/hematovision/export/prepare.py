@@ -87,7 +87,7 @@ def prepare_run(
         if splits and splits.get("val"):
             from hematovision.data.folder import load_images
 
-            real = load_images(splits["val"][:16], prep.image_size, desc="check images").images
+            real = load_images(splits["val"][:16], prep, desc="check images").images
             if len(real):
                 inputs = torch.cat([inputs, normalize(real, prep)])
                 source += f" + {len(real)} validation images"
@@ -100,7 +100,7 @@ def prepare_run(
             report["int8"] = _quantize(run_dir, session, predictor, splits or {}, threads)
 
     if calibrate and splits is not None:
-        policy = calibration.calibrate(forward, predictor.class_names, prep.image_size, splits,
+        policy = calibration.calibrate(forward, predictor.class_names, prep, splits,
                                        float(getattr(predictor, "temperature", 1.0) or 1.0),
                                        target_accuracy, ood_quantile, max_train)
         policy.info["source_sha256"] = report["source_sha256"]
@@ -121,12 +121,12 @@ def _quantize(run_dir: Path, session: Any, predictor: Any, splits: dict[str, lis
         raise HematoVisionError("INT8 calibration needs the run's train split")
     rng = np.random.default_rng(0)
     chosen = [train[i] for i in sorted(rng.choice(len(train), min(200, len(train)), replace=False))]
-    calibration_images = load_images(chosen, prep.image_size, desc="int8 calibration images").images
+    calibration_images = load_images(chosen, prep, desc="int8 calibration images").images
     quantize_int8(run_dir / ONNX_FILE, run_dir / INT8_FILE, calibration_images, prep)
     result: dict[str, Any] = {"file": INT8_FILE, "calibration": f"{len(calibration_images)} train images"}
     test = splits.get("test") or []
     if test:
-        loaded = load_images(test, prep.image_size, desc="int8 test images")
+        loaded = load_images(test, prep, desc="int8 test images")
         labels = label_indices(loaded.samples, predictor.class_names)
         scores = compare_accuracy({"fp32": session, "int8": onnx_session(run_dir / INT8_FILE, threads)},
                                   loaded.images, labels, prep)

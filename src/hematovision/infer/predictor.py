@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hematovision.data.transforms import Preprocessing, normalize, resize
+from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.runtime import view_logits
@@ -49,7 +49,7 @@ class Predictor:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images of any size → normalised (N, 3, S, S) tensor."""
-        batch = np.stack([resize(image, self.prep.image_size) for image in images])
+        batch = np.stack([self.prep.prepare(image) for image in images])
         return normalize(batch, self.prep).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hematovision.data.transforms import Preprocessing, normalize, resize
+from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy
@@ -184,7 +184,7 @@ class Engine:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Resize an RGB uint8 image (H, W, 3) to the model input (S, S, 3); safe on any thread."""
-        return resize(image, self.prep.image_size)
+        return self.prep.prepare(image)
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, K) and features (N, D) for prepared images (N, S, S, 3) uint8."""

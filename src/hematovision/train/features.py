@@ -123,13 +123,16 @@ class FeatureExtractor:
         tta: number of dihedral views (1, 2, 4 or 8) averaged per image; flips and 90° rotations
             do not change a cell's class, so averaging them steadies the features.
         batch_size: images per forward pass.
+        prep: the full preprocessing the images went through (scale and stain normalisation
+            included), when it is more than the backbone's plain resize; it keys the cache.
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, image_size: int | None = None,
-                 taps: Sequence[int] = DEFAULT_TAPS, tta: int = 1, batch_size: int = 32) -> None:
+                 taps: Sequence[int] = DEFAULT_TAPS, tta: int = 1, batch_size: int = 32,
+                 prep: Preprocessing | None = None) -> None:
         native_size, mean, std = frozen_input_spec(backbone)
         self.backbone_name = backbone
-        self.prep = Preprocessing(image_size or native_size, mean, std)
+        self.prep = prep or Preprocessing(image_size or native_size, mean, std)
         self.taps = tuple(taps)
         if tta not in (1, 2, 4, 8):
             raise ValueError(f"tta must be 1, 2, 4 or 8, got {tta}")

@@ -162,7 +162,7 @@ def run_training(config: TrainConfig) -> dict:
     parts: dict[str, LoadedImages] = {}
     for part in ("train", "val", "test"):
         chosen = [s for s, split in zip(samples, splits) if split == part and s.label in class_names]
-        parts[part] = load_images(chosen, size, desc=f"loading {part}")
+        parts[part] = load_images(chosen, prep, desc=f"loading {part}")
     failures = [(str(p), reason) for loaded in parts.values() for p, reason in loaded.failures]
     if failures:
         write_json(out / UNREADABLE_FILE, failures)
@@ -196,7 +196,7 @@ def run_training(config: TrainConfig) -> dict:
     )
     history: list[dict] = []
     if config.mode == "frozen":
-        extractor = FeatureExtractor(config.backbone, size, DEFAULT_TAPS, tta=config.tta)
+        extractor = FeatureExtractor(config.backbone, size, DEFAULT_TAPS, tta=config.tta, prep=prep)
         digest_of = dict(zip((s.path for s in samples), digests))
         features = {}
         for part, loaded in parts.items():
