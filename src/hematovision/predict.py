@@ -16,6 +16,7 @@ import numpy as np
 from hematovision._io import atomic_write, write_json
 from hematovision.data.images import ImageLoadError, is_image_file, load_rgb
 from hematovision.infer.predictor import Predictor
+from hematovision.infer.shift import LabShift
 from hematovision.run import METRICS_FILE
 
 
@@ -40,9 +41,13 @@ def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def predict_files(predictor: Predictor, paths: Sequence[Path], batch_size: int = 32) -> list[PredictionRow]:
-    """Predict every file in batches; unreadable files become rows with an ``error``."""
+    """Predict every file in batches; unreadable files become rows with an ``error``.
+
+    The files are one batch for the lab-shift score: ``predictor.lab_shift()`` afterwards covers them all.
+    """
     from tqdm.auto import tqdm
 
+    predictor.reset_shift()
     rows: list[PredictionRow] = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch"):
         chunk = paths[start : start + batch_size]
@@ -61,8 +66,14 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], batch_size: int =
     return sorted(rows, key=lambda row: order.get(row.file, 0))
 
 
-def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str], out: str | Path, top_k: int = 3) -> Path:
-    """Write predictions as CSV (by extension ``.csv``) or JSON, with top-k classes and all probabilities."""
+def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str], out: str | Path, top_k: int = 3,
+                      lab_shift: LabShift | None = None) -> Path:
+    """Write predictions as CSV (by extension ``.csv``) or JSON, with top-k classes and all probabilities.
+
+    Args:
+        lab_shift: the lab-shift score of the batch; when given, every row also has ``lab_shift_score``
+            and ``lab_shift_threshold`` (the same for all rows: the score is the batch's).
+    """
     out = Path(out)
     top_k = min(top_k, len(class_names))
     records = []
@@ -76,11 +87,16 @@ def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str],
                 record[f"top{rank}"] = class_names[index]
                 record[f"top{rank}_p"] = float(row.probabilities[index])
             record["probabilities"] = {name: float(p) for name, p in zip(class_names, row.probabilities)}
+        if lab_shift is not None:
+            record["lab_shift_score"] = round(lab_shift.score, 4)
+            record["lab_shift_threshold"] = None if lab_shift.threshold is None else round(lab_shift.threshold, 4)
         records.append(record)
     if out.suffix.lower() == ".json":
         return write_json(out, records)
     columns = ["file", "label", "confidence"] + [f"top{r}{s}" for r in range(1, top_k + 1) for s in ("", "_p")]
     columns += [f"p_{name}" for name in class_names] + ["error"]
+    if lab_shift is not None:
+        columns += ["lab_shift_score", "lab_shift_threshold"]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:

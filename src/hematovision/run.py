@@ -5,7 +5,7 @@ A run folder is what ``hematovision train`` writes and every other command reads
     RUN/
       model_card.json      the typed :class:`ModelCard` (classes, preprocessing, views, temperature, ...)
       model.safetensors    the best weights; their sha256 is in the card and checked on every load
-      split.csv            file, label, split, group: which image was used for what
+      split.csv            file, label, split, group (and source): which image was used for what
       train_config.json    the resolved training settings
       metrics.json, report.md, *.png, val/   evaluation of the held-out split
       last.safetensors, train_state.pt       fine-tuning only: what ``--resume`` continues from
@@ -91,7 +91,8 @@ class ModelCard:
         temperature: calibration temperature fitted on the validation split.
         frozen: the frozen head's shape (frozen mode only).
         finetune: the fine-tuning settings and best epoch (fine-tune mode only).
-        data: the training data: source folder, images per split, seed, how it was split.
+        data: the training data: source folder(s), images per split, seed, how it was split, and
+            ``sources`` (per dataset: name, folder, images per split and class).
         metrics: the held-out split's headline metrics.
         files: sha256 of the weight file (``{"model.safetensors": {"sha256": ...}}``).
         split_file: the split CSV's name inside the run folder.
@@ -337,7 +338,7 @@ def read_split(run_dir: str | Path, split_file: str = SPLIT_FILE) -> dict[str, l
         file = sample.path
         if not file.is_absolute() and not file.exists() and (run_dir / file).exists():
             file = run_dir / file
-        parts.setdefault(str(part), []).append(Sample(file, sample.label, str(part)))
+        parts.setdefault(str(part), []).append(Sample(file, sample.label, str(part), sample.source))
     return parts
 
 

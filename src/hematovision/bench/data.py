@@ -14,7 +14,8 @@ import torch
 
 from hematovision.bench.config import BenchConfig
 from hematovision.bench.recipes import Recipe
-from hematovision.data.folder import ImageFolder, Sample, load_images, scan_image_folder
+from hematovision.data.folder import ImageFolder, Sample, load_images
+from hematovision.data.sources import scan_labelled
 from hematovision.data.splits import content_groups, file_digests, kfold_assignment, read_group_csv
 from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import DatasetError, HematoVisionError
@@ -78,7 +79,7 @@ def prepare_data(config: BenchConfig) -> BenchData:
     Raises:
         DatasetError: bad layout, unknown classes, or too few images for k folds.
     """
-    folder = scan_image_folder(config.data, config.classes)
+    folder = scan_labelled(config.data, config.classes)
     tests: dict[str, list[Sample]] = {}
     if folder.split_names:
         if "train" not in folder.split_names:
@@ -89,7 +90,7 @@ def prepare_data(config: BenchConfig) -> BenchData:
     else:
         train = list(folder.samples)
     for test_dir in config.test_dirs:
-        test_folder = scan_image_folder(test_dir, config.classes)
+        test_folder = scan_labelled(test_dir, config.classes)
         tests[Path(test_dir).name.lower()] = list(test_folder.samples)
     per_class = 24 if config.quick else config.limit_per_class
     train = _limit(train, per_class, config.seed)

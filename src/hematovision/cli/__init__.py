@@ -14,11 +14,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from hematovision.cli import bench, count, data, evaluate, export, gan, models, predict, segment, serve, train
+from hematovision.cli import adapt, bench, count, data, evaluate, export, gan, models, predict, segment, serve, train
 from hematovision.errors import HematoVisionError
 
 # In the order ``hematovision --help`` lists them.
-COMMANDS = (data, models, train, evaluate, predict, bench, segment, count, gan, export, serve)
+COMMANDS = (data, models, train, evaluate, adapt, predict, bench, segment, count, gan, export, serve)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     count.add_argument("images", nargs="+", type=Path, help="field images or folders of them (one sample)")
     count.add_argument("--model", type=Path, help="classifier run folder; without it cells are counted, not typed")
     count.add_argument("--out", type=Path, required=True, help="output folder")
-    count.add_argument("--rbc-diameter", type=float, default=100.0, help="red-cell diameter in pixels (BCCD 640x480: 100)")
+    count.add_argument("--rbc-diameter", type=float, default=None,
+                       help="red-cell diameter in pixels (BCCD 640x480: about 100); default: measured in each field")
     count.add_argument("--review-below", type=float, default=0.6, help="list cells whose top probability is below this")
     return count
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     paths = collect_image_paths(args.images)
     if not paths:
         raise HematoVisionError("no image files given")
-    if args.rbc_diameter <= 0:
+    if args.rbc_diameter is not None and not args.rbc_diameter > 0:
         raise HematoVisionError(f"--rbc-diameter must be positive, got {args.rbc_diameter}")
     classifier = load_classifier(args.model) if args.model is not None else None
     summary = count_fields(paths, args.out, classifier, rbc_diameter=args.rbc_diameter,
@@ -41,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
     totals = summary["totals"]
     print(f"totals over {summary['readable']} image(s): {totals['wbc']} white cells, {totals['rbc']} red cells, "
           f"{totals['platelet']} platelets")
+    if (summary.get("lab_shift") or {}).get("shifted"):
+        print(f"warning: {summary['lab_shift']['message']}")
     return 0 if summary["readable"] else 2

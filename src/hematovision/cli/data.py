@@ -11,7 +11,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("data", help="inspect or download datasets")
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     inspect = actions.add_parser("inspect", help="counts per class and split, image sizes, duplicates, unreadable files")
-    inspect.add_argument("root", type=Path, help="dataset folder (ROOT/<class>/* or ROOT/<split>/<class>/*)")
+    inspect.add_argument("root", type=Path,
+                         help="dataset folder (ROOT/<class>/*, ROOT/<split>/<class>/*, or ROOT/images/* + a labels CSV)")
     inspect.add_argument("--json", type=Path, help="also write the report as JSON here")
     fetch = actions.add_parser("fetch", help="download a public dataset (needs the network)")
     fetch.add_argument("name", choices=["bloodmnist"])

@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     evaluate = subparsers.add_parser("evaluate", help="evaluate a run on every image of a folder")
     evaluate.add_argument("run_dir", type=Path)
     source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="class-folder dataset; all of it is test data")
+    source.add_argument("--data", type=Path,
+                        help="dataset folder (class folders, or images/ + a labels CSV); all of it is test data")
     source.add_argument("--split", help="a part of the run's own split.csv instead, e.g. test")
     evaluate.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<name>)")
     evaluate.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
@@ -29,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta)
     print(summary_line(str(args.data or f"{args.split} split"), metrics))
+    for name, row in metrics.get("per_source", {}).items():
+        print("  " + summary_line(name, row))
     if metrics["unknown_classes"]:
         print(f"left out (unknown to the model): {', '.join(metrics['unknown_classes'])}")
+    if (metrics.get("lab_shift") or {}).get("shifted"):
+        print(f"warning: {metrics['lab_shift']['message']}")
     return 0

@@ -26,9 +26,12 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_run_dir(args.run_dir, args.tta)
     paths = collect_image_paths(args.paths)
     rows = predict_files(predictor, paths, args.batch_size)
-    write_predictions(rows, predictor.class_names, args.out, args.top_k)
+    shift = predictor.lab_shift()
+    write_predictions(rows, predictor.class_names, args.out, args.top_k, lab_shift=shift)
     errors = [row for row in rows if row.error]
     print(f"{len(rows) - len(errors)} image(s) classified, {len(errors)} unreadable; written to {args.out}")
     for row in errors[:10]:
         print(f"  unreadable: {row.error}")
+    if shift is not None and shift.shifted:
+        print(f"warning: {shift.message()}")
     return 0

@@ -12,8 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Add ``train``."""
     train = subparsers.add_parser("train", help="train a classifier (frozen features + head, or fine-tuning)")
     data = train.add_argument_group("data")
-    data.add_argument("--data", type=Path,
-                      help="dataset folder; split 70/15/15 (seeded, stratified) unless it has train/val/test folders")
+    data.add_argument("--data", type=Path, action="append",
+                      help="dataset folder (class folders, or images/ + a labels CSV); split 70/15/15 (seeded, "
+                           "stratified) unless it has train/val/test folders. Repeat to merge datasets: each is "
+                           "split on its own and split.csv names each image's source")
     data.add_argument("--train-dir", type=Path, help="training images (instead of --data)")
     data.add_argument("--val-dir", type=Path, help="validation images (default: 15%% carved from --train-dir)")
     data.add_argument("--test-dir", type=Path, help="test images")
@@ -30,6 +32,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8],
                        help="dihedral views (flips/90° rotations) averaged per image: in frozen features, or in "
                             "fine-tuned logits at evaluation; prediction uses the same")
+    robust = train.add_argument_group("other labs (stain and optics)")
+    robust.add_argument("--stain-norm", choices=["reinhard", "macenko"],
+                        help="normalise every image's stain to a reference fitted on the training images (reinhard: "
+                             "CIELAB mean/std; macenko: stain vectors, needs pip install 'hematovision[stain]'); "
+                             "stored in the model card, so prediction does the same")
+    robust.add_argument("--augment-copies", type=int, default=0, metavar="K",
+                        help="frozen mode: also fit the head on K stain/optics-augmented copies of each training image "
+                             "(features cached; val and test untouched)")
+    robust.add_argument("--augment-strength", type=float, default=1.0,
+                        help="strength of those copies' changes (1: the spread measured between labs)")
+    robust.add_argument("--cell-scale", type=_fraction, metavar="FRACTION",
+                        help="scale normalisation: crop or pad every image around its white cell so the cell spans "
+                             "this fraction of the input, whatever the magnification (0.38 is PBC's median, so PBC "
+                             "images change little); stored in the model card, so prediction does the same")
     fit = train.add_argument_group("fine-tuning")
     fit.add_argument("--epochs", type=int, default=10)
     fit.add_argument("--batch-size", type=int, default=32)
@@ -44,16 +60,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return train
 
 
+def _fraction(text: str) -> float:
+    """A number in (0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, then print the headline metrics and where the report is."""
     from hematovision.train.finetune import FinetuneConfig
     from hematovision.train.pipeline import TrainConfig, run_training
 
+    # One --data stays a single path, as train_config.json has always recorded it.
+    data = args.data[0] if args.data and len(args.data) == 1 else args.data
     config = TrainConfig(
-        out=args.out, data=args.data, train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
+        out=args.out, data=data, train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
         mode=args.mode, backbone=args.backbone, pretrained=not args.no_pretrained, image_size=args.image_size,
         classes=parse_classes(args.classes), group_csv=args.group_csv, seed=args.seed,
-        head=args.head, tta=args.tta, resume=args.resume,
+        head=args.head, tta=args.tta, resume=args.resume, stain_norm=args.stain_norm,
+        augment_copies=args.augment_copies, augment_strength=args.augment_strength, cell_scale=args.cell_scale,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
                                 strong_augment=args.strong_augment, patience=args.patience, seed=args.seed,
                                 max_steps_per_epoch=args.max_steps_per_epoch),

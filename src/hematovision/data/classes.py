@@ -23,6 +23,10 @@ BLOODMNIST_CLASSES = (
     "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet",
 )
 
+# Zheng et al. 2018, Dataset 1 ("Class Labels of Dataset 1.csv", columns "image ID", "class label"):
+# the source README's codes. data/sources.py applies them only to a table with those two columns.
+ZHENG_CODES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
+
 # The five white-cell types of a manual differential count.
 WBC5 = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 

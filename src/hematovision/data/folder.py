@@ -33,11 +33,16 @@ SPLIT_ALIASES = {
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image file."""
+    """One labelled image file.
+
+    Attributes:
+        source: the dataset it came from when several are merged (``train --data A --data B``).
+    """
 
     path: Path
     label: str
     split: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -47,12 +52,14 @@ class ImageFolder:
     Attributes:
         root: the folder scanned.
         samples: every image file with its canonical class (and split, for split layouts).
-        ignored: files without an image extension (README, CSV, ...), not used.
+        ignored: files without an image extension (README, CSV, ...), or images without a label, not used.
+        labels_file: the CSV the labels came from (``images/`` + labels CSV layout); None for class folders.
     """
 
     root: Path
     samples: list[Sample]
     ignored: list[Path] = field(default_factory=list)
+    labels_file: Path | None = None
 
     @property
     def class_names(self) -> list[str]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from hematovision.data.folder import scan_image_folder
 from hematovision.data.images import ImageLoadError, load_rgb
+from hematovision.data.sources import scan_labelled
 from hematovision.data.splits import file_digests
 
 
@@ -16,12 +16,12 @@ def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
     """Counts per class and split, image sizes and modes, exact duplicates and unreadable files.
 
     Args:
-        root: a class-folder dataset.
+        root: a dataset folder: class folders, or images/ + a labels CSV.
         decode: fully decode every image to find truncated files (slower); otherwise read headers only.
     """
     from tqdm.auto import tqdm
 
-    folder = scan_image_folder(root)
+    folder = scan_labelled(root)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), n in sorted(folder.counts().items(), key=lambda item: (str(item[0][0]), item[0][1])):
         counts[split or "all"][label] = n
@@ -46,6 +46,7 @@ def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
     cross = [group for group in duplicates if len({entry.rsplit("/", 1)[0] for entry in group}) > 1]
     return {
         "root": str(folder.root),
+        "labels_file": str(folder.labels_file) if folder.labels_file else None,
         "n_images": len(folder.samples),
         "classes": folder.class_names,
         "splits": folder.split_names or None,
@@ -65,7 +66,10 @@ def format_inspection(report: dict) -> str:
     classes = report["classes"]
     parts = list(report["counts"])
     width = max(12, *(len(c) for c in classes))
-    lines = [f"{report['root']}: {report['n_images']} images, {len(classes)} classes", ""]
+    lines = [f"{report['root']}: {report['n_images']} images, {len(classes)} classes"]
+    if report.get("labels_file"):
+        lines.append(f"labels: {report['labels_file']}")
+    lines.append("")
     lines.append(f"{'class':{width}} " + " ".join(f"{p:>11}" for p in parts) + f" {'total':>8}")
     for name in classes:
         row = [report["counts"][p].get(name, 0) for p in parts]
@@ -83,5 +87,6 @@ def format_inspection(report: dict) -> str:
     for entry in report["unreadable"][:10]:
         lines.append(f"  {entry['reason']}")
     if report["ignored_non_image_files"]:
-        lines.append(f"non-image files ignored: {len(report['ignored_non_image_files'])}")
+        what = "files ignored (not images, or images without a label)" if report.get("labels_file") else "non-image files ignored"
+        lines.append(f"{what}: {len(report['ignored_non_image_files'])}")
     return "\n".join(lines)

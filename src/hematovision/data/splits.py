@@ -166,21 +166,26 @@ def kfold_assignment(labels: Sequence[str], groups: Sequence[str], k: int, seed:
 
 def write_split_csv(path: str | Path, samples: Sequence[Sample], parts: Sequence[str | int], groups: Sequence[str],
                     column: str = "split") -> Path:
-    """Save (file, label, split or fold, group) rows; ``file`` is the path as given."""
+    """Save (file, label, split or fold, group) rows; ``file`` is the path as given.
+
+    A fifth column, ``source``, names each sample's dataset when the samples record one.
+    """
+    with_source = any(sample.source for sample in samples)
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["file", "label", column, "group"])
+            writer.writerow(["file", "label", column, "group"] + (["source"] if with_source else []))
             for sample, part, group in zip(samples, parts, groups):
-                writer.writerow([str(sample.path), sample.label, part, group])
+                writer.writerow([str(sample.path), sample.label, part, group] + ([sample.source] if with_source else []))
 
     return atomic_write(path, write)
 
 
 def read_split_csv(path: str | Path) -> list[tuple[Sample, str]]:
-    """Read a split CSV back as (sample, split-or-fold) pairs."""
+    """Read a split CSV back as (sample, split-or-fold) pairs; files without a ``source`` column read as before."""
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         column = "split" if "split" in (reader.fieldnames or []) else "fold"
-        return [(Sample(Path(row["file"]), row["label"]), row[column]) for row in reader]
+        return [(Sample(Path(row["file"]), row["label"], source=row.get("source") or None), row[column])
+                for row in reader]

@@ -127,12 +127,16 @@ class TrainTransform:
         color_jitter: strength of brightness/contrast/saturation changes (0 disables them);
             hue moves by a tenth of it.
         strong: also prepare for other labs' images: wider zoom in and out, blur and lost
-            resolution (other scanners and magnifications), stronger stain and colour changes.
+            resolution (other scanners and magnifications), stronger stain and colour changes:
+            :func:`hematovision.data.stain.augment_stain` (stain in CIELAB or HED space, blur,
+            resolution, noise, illumination) at ``stain_strength``.
+        stain_strength: strength of the strong mode's stain and optics augmentation.
     """
 
     def __init__(self, prep: Preprocessing, scale: tuple[float, float] = (0.75, 1.0), color_jitter: float = 0.15,
-                 strong: bool = False) -> None:
+                 strong: bool = False, stain_strength: float = 1.0) -> None:
         self.prep = prep
+        self.stain_strength = stain_strength
         self.scale = (0.1, 1.0) if strong else scale
         self.color_jitter = max(color_jitter, 0.3) if strong else color_jitter
         self.strong = strong
@@ -150,7 +154,9 @@ class TrainTransform:
             left = int(rng.integers(0, width - side_w + 1))
         crop = resize(np.ascontiguousarray(image[top : top + side_h, left : left + side_w]), self.prep.image_size)
         if self.strong:
-            crop = _degrade(crop, rng)
+            from hematovision.data.stain import augment_stain
+
+            crop = augment_stain(_degrade(crop, rng), rng, self.stain_strength)
         tensor = torch.as_tensor(crop).movedim(-1, 0).float().div_(255.0)
         tensor = dihedral(tensor, int(rng.integers(0, 8)))
         if self.color_jitter > 0:

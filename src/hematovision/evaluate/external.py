@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hematovision._io import write_json
-from hematovision.data.folder import Sample, label_indices, load_images, scan_image_folder
+from hematovision.data.folder import Sample, label_indices, load_images
+from hematovision.data.sources import scan_labelled
 from hematovision.errors import DatasetError
 from hematovision.run import METRICS_FILE, SPLIT_FILE, read_split
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
                     views: int | None = None) -> dict:
-    """Evaluate the run in ``run_dir`` on all images under ``data_dir``.
+    """Evaluate the run in ``run_dir`` on all images under ``data_dir`` (class folders, or images/ + a labels CSV).
 
     Classes of ``data_dir`` that the model does not know are reported (``unknown_classes``)
     and left out; classes the model knows but ``data_dir`` lacks simply have no support.
@@ -31,14 +32,17 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
     Returns:
         The metrics dict, also written to ``out_dir/metrics.json`` with a report and plots.
     """
-    folder = scan_image_folder(data_dir)
+    folder = scan_labelled(data_dir)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data_dir).resolve().name}"
     context = {"data": str(data_dir), "split": "all images of the folder (external test set)"}
     return _evaluate_samples(run_dir, folder.samples, out, Path(data_dir).name, context, views)
 
 
 def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None = None, views: int | None = None) -> dict:
-    """Evaluate the run on one part (``test``, ``val``, ...) of its own ``split.csv``."""
+    """Evaluate the run on one part (``test``, ``val``, ...) of its own ``split.csv``.
+
+    A run trained on several datasets also gets metrics per source (``per_source``).
+    """
     parts = read_split(run_dir)
     samples = parts.get(split, [])
     if not samples:
@@ -65,17 +69,23 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     loaded = load_images(chosen, predictor.prep, desc="loading")
     if not loaded.samples:
         raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
-    probabilities = predictor.predict(list(loaded.images))
+    probabilities = predictor.predict(list(loaded.images), prepared=True)  # load_images applied prep already
+    shift = predictor.lab_shift()  # None for runs trained before the lab-shift score
     labels = label_indices(loaded.samples, predictor.class_names)
     context = {
         "run": str(run_dir), **context, "test-time views": predictor.views,
         "unknown_classes": ", ".join(unknown) or "none",
         "left_out_images": len(samples) - len(chosen), "unreadable_files": len(loaded.failures),
     }
+    if shift is not None:
+        context["lab-shift score"] = (f"{shift.score:.2f} (threshold {shift.threshold:.2f})" if shift.threshold
+                                      else f"{shift.score:.2f}") + (": " + shift.message() if shift.shifted else "")
     metrics = write_evaluation(out, labels, probabilities, predictor.class_names,
-                               f"{predictor.card.backbone} ({predictor.card.mode}) on {name}", context)
+                               f"{predictor.card.backbone} ({predictor.card.mode}) on {name}", context,
+                               sources=[sample.source for sample in loaded.samples])
     metrics["unknown_classes"] = unknown
     metrics["unreadable_files"] = [[str(p), reason] for p, reason in loaded.failures]
     metrics["views"] = predictor.views
+    metrics["lab_shift"] = shift.to_dict() if shift is not None else None
     write_json(out / METRICS_FILE, metrics)
     return metrics

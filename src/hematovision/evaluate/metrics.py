@@ -92,6 +92,23 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_prob: np.ndarra
     }
 
 
+def metrics_by_group(y_true: Sequence[int] | np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
+                     groups: Sequence[str]) -> dict[str, dict]:
+    """Headline metrics (images, accuracy, balanced accuracy, macro-F1, ECE) of each group, e.g. each source lab.
+
+    Args:
+        groups: (N,) the group of each row.
+    """
+    y_true, y_prob = np.asarray(y_true, dtype=np.int64), np.asarray(y_prob, dtype=np.float64)
+    names = np.asarray(groups, dtype=object)
+    result = {}
+    for name in sorted(set(groups)):
+        rows = names == name
+        full = classification_metrics(y_true[rows], y_prob[rows], class_names)
+        result[name] = {key: full[key] for key in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "ece")}
+    return result
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature``."""
     scaled = np.asarray(logits, dtype=np.float64) / temperature

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from hematovision._io import write_json, write_text
-from hematovision.evaluate.metrics import classification_metrics, reliability_bins
+from hematovision.evaluate.metrics import classification_metrics, metrics_by_group, reliability_bins
 
 
 def write_evaluation(out_dir: str | Path, y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
-                     title: str, context: dict | None = None, history: Sequence[dict] | None = None) -> dict:
+                     title: str, context: dict | None = None, history: Sequence[dict] | None = None,
+                     sources: Sequence[str | None] | None = None) -> dict:
     """Compute metrics and write ``metrics.json``, ``report.md`` and plots into ``out_dir``.
 
     Args:
@@ -23,6 +24,7 @@ def write_evaluation(out_dir: str | Path, y_true: np.ndarray, y_prob: np.ndarray
         title: report heading, e.g. ``"pbc_dev test split"``.
         context: extra facts (model, data, split) stored under ``"context"`` and listed in the report.
         history: per-epoch training rows, plotted when given.
+        sources: (N,) the dataset of each image; with two or more, ``per_source`` metrics are added.
 
     Returns:
         The metrics dict (as in ``metrics.json``).
@@ -32,6 +34,8 @@ def write_evaluation(out_dir: str | Path, y_true: np.ndarray, y_prob: np.ndarray
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(y_true, y_prob, class_names)
+    if sources is not None and len(set(sources)) > 1:
+        metrics["per_source"] = metrics_by_group(y_true, y_prob, class_names, [str(name) for name in sources])
     metrics["context"] = context or {}
     write_json(out / "metrics.json", metrics)
     figures = {
@@ -67,6 +71,10 @@ def markdown_report(metrics: dict, title: str, figures: Sequence[str] = ()) -> s
     ]
     for name, row in metrics["per_class"].items():
         lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
+    if metrics.get("per_source"):
+        lines += ["", "| source | images | accuracy | balanced accuracy | macro F1 | ECE |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {row['n_images']} | {row['accuracy']:.4f} | {row['balanced_accuracy']:.4f} | "
+                  f"{row['macro_f1']:.4f} | {row['ece']:.4f} |" for name, row in metrics["per_source"].items()]
     context = metrics.get("context") or {}
     if context:
         lines += ["", "## Context", ""]

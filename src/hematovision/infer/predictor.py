@@ -12,7 +12,8 @@ from torch import nn
 from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
-from hematovision.infer.runtime import view_logits
+from hematovision.infer.runtime import LogitsAndFeatures, view_logits
+from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_run
 
 
@@ -31,6 +32,8 @@ class Predictor:
         temperature: calibration temperature fitted on validation data.
         views: dihedral views (flips/90° rotations) averaged per image; by default the number the
             run was trained and calibrated with (``card.tta``).
+        shift: the lab-shift score of the images predicted since :meth:`reset_shift` (``None``: the
+            run has no calibrated reference in ``card.shift``); see :meth:`lab_shift`.
     """
 
     def __init__(self, model: nn.Module, card: ModelCard, views: int | None = None) -> None:
@@ -40,6 +43,10 @@ class Predictor:
         self.temperature = float(card.temperature)
         self.views = views or card.tta
         self.model = model.eval().to(memory_format=torch.channels_last)
+        reference = ShiftReference.from_card(card.shift)
+        self.shift = ShiftMonitor(reference) if reference is not None else None
+        # The final layer's input comes from the same pass as the logits (a forward hook).
+        self._with_features = LogitsAndFeatures(self.model, self.views) if self.shift is not None else None
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, views: int | None = None) -> Predictor:
@@ -47,25 +54,50 @@ class Predictor:
         card, model = load_run(run_dir)
         return cls(model, card, views)
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images of any size → normalised (N, 3, S, S) tensor."""
-        batch = np.stack([self.prep.prepare(image) for image in images])
+    def preprocess(self, images: Sequence[np.ndarray], prepared: bool = False) -> torch.Tensor:
+        """RGB uint8 images of any size → normalised (N, 3, S, S) tensor.
+
+        Args:
+            prepared: the images already went through ``prep.prepare`` (e.g. loaded with
+                ``load_images(samples, prep)``); scale and stain normalisation are not applied twice.
+        """
+        batch = np.stack(list(images) if prepared else [self.prep.prepare(image) for image in images])
         return normalize(batch, self.prep).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def logits(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Raw logits, (N, K)."""
-        outputs = [view_logits(self.model, self.preprocess(images[i : i + batch_size]), self.views).numpy()
-                   for i in range(0, len(images), batch_size)]
+    def logits(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
+        """Raw logits, (N, K). With a shift reference, the images' lab-shift scores are collected too."""
+        outputs = []
+        for i in range(0, len(images), batch_size):
+            batch = self.preprocess(images[i : i + batch_size], prepared)
+            if self._with_features is not None and self.shift is not None:
+                logits, features = self._with_features(batch)
+                self.shift.update(features.numpy())
+            else:
+                logits = view_logits(self.model, batch, self.views)
+            outputs.append(logits.numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
 
-    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Calibrated class probabilities, (N, K).
+    def lab_shift(self) -> LabShift | None:
+        """The lab-shift score of every image predicted since the last :meth:`reset_shift`.
+
+        ``None`` when the run has no calibrated reference (trained before the score existed) or
+        nothing was predicted. ``result.shifted`` says whether to warn; ``result.message()`` how.
+        """
+        return self.shift.result() if self.shift is not None else None
+
+    def reset_shift(self) -> None:
+        """Start a new batch for :meth:`lab_shift` (e.g. per sample or per request)."""
+        if self.shift is not None:
+            self.shift.reset()
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
+        """Calibrated class probabilities, (N, K); ``prepared`` as in :meth:`preprocess`.
 
         Raises:
             NonFiniteOutputError: the model gave NaN or infinite outputs.
         """
-        probabilities = softmax(self.logits(images, batch_size), self.temperature)
+        probabilities = softmax(self.logits(images, batch_size, prepared), self.temperature)
         check_finite(probabilities)
         return probabilities
 

@@ -116,7 +116,7 @@ def evaluate_frames(
         rbc_matched, rbc_unmatched, rbc_missed = match_points_to_boxes(result.rbc_centers, gt["rbc"])
         # Cells cut by the frame edge are where the annotation is least complete; counting only
         # centres at least a radius inside the frame compares like with like.
-        shape, margin = image.shape[:2], params.rbc_diameter / 2.0
+        shape, margin = image.shape[:2], result.rbc_diameter / 2.0
         found_interior = [_is_interior(x, y, shape, margin) for x, y in result.rbc_centers]
         unmatched_points = _unmatched_points(result.rbc_centers, gt["rbc"])
         row = {

@@ -58,7 +58,7 @@ def count_fields(
     paths: Sequence[Path],
     out_dir: str | Path,
     classifier: Classifier | None = None,
-    rbc_diameter: float = 100.0,
+    rbc_diameter: float | None = None,
     review_below: float = DEFAULT_REVIEW_BELOW,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -69,17 +69,22 @@ def count_fields(
         out_dir: output folder (created).
         classifier: types the white cells; without it they are counted, not typed, and no
             differential is written.
-        rbc_diameter: red-cell diameter in pixels (BCCD's 640x480 fields: 100).
+        rbc_diameter: red-cell diameter in pixels (BCCD's 640x480 fields: about 100); ``None``
+            measures it in each field.
         review_below: cells whose top probability is below this are listed for review.
         progress: called with one line per field (what was found, or why it was skipped);
             logged when not given.
 
     Returns:
         The summary also written to ``summary.json``: ``images``, ``readable`` (fields read),
-        ``totals`` (``wbc``, ``rbc``, ``platelet`` over the readable fields) and ``classified``
-        (white cells typed).
+        ``totals`` (``wbc``, ``rbc``, ``platelet`` over the readable fields), ``classified``
+        (white cells typed) and ``lab_shift`` (the white cells' lab-shift score, when the classifier
+        has a calibrated reference; see :mod:`hematovision.infer.shift`).
     """
     report = progress or log.info
+    # The sample's white cells are one batch for the lab-shift score (a Predictor collects it).
+    if hasattr(classifier, "reset_shift"):
+        classifier.reset_shift()
     out_dir = Path(out_dir)
     params = FieldParams(rbc_diameter=rbc_diameter)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,9 @@ def count_fields(
     counted = [r for r in rows if r["wbc"] != ""]
     totals = {kind: int(sum(r[kind] for r in counted)) for kind in ("wbc", "rbc", "platelet")}
     summary = {"images": len(paths), "readable": len(counted), "totals": totals, "classified": len(cells)}
+    shift = classifier.lab_shift() if hasattr(classifier, "lab_shift") else None
+    if shift is not None:
+        summary["lab_shift"] = shift.to_dict()
     if classifier is not None:
         # The differential lists the white-cell types; a classifier of other classes lists its own.
         types = [name for name in classifier.class_names if name in WHITE_CELL_TYPES] or list(classifier.class_names)

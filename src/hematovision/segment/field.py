@@ -3,27 +3,32 @@
 The finder is classical image processing, chosen because it needs no training data
 beyond a few frames for tuning, is fast on a CPU and fails in ways that can be explained:
 
-* **Stain.** White-cell nuclei and platelets take up the basic (blue-purple) dye; red cells
-  and plasma do not. In CIELAB that shows on the blue–yellow axis: on BCCD training frames the
-  nucleus pixels have b* ≈ -46 (5th–95th percentile -60 … -22) while red cells and
-  background have b* ≈ +2 (5th percentile -7.5). ``b* < -20`` marks stained pixels.
-* **White cells** are stained components with a large area (a nucleus, ≥ ~30 % of a red
-  cell's area) after a closing that joins the lobes of a segmented nucleus; the cell box is the
-  nucleus box widened by a margin (tuned on the BCCD training frames against the VOC boxes).
-* **Platelets** are small stained components outside white cells.
+* **White cells** (``finder="adaptive"``, the default): :mod:`hematovision.segment.nuclei` removes
+  the background's tint, measures the red-cell diameter by granulometry, thresholds a nuclear-stain
+  score (blueness × optical density) per image with Otsu, joins the lobes of a nucleus and grows
+  each nucleus box to its cell's size. It was tuned on BCCD and two other labs (``txl_pbc_multilab``).
+* **White cells** (``finder="lab"``, the first BCCD finder, kept for comparison): white-cell nuclei
+  and platelets take up the basic (blue-purple) dye; red cells and plasma do not. In CIELAB that
+  shows on the blue–yellow axis: on BCCD training frames the nucleus pixels have b* ≈ -46
+  (5th–95th percentile -60 … -22) while red cells and background have b* ≈ +2 (5th percentile
+  -7.5). ``b* < -20`` marks stained pixels; white cells are stained components with a large area
+  after a closing that joins the lobes of a segmented nucleus, boxed with a fixed margin. On
+  another lab's tint (a cyan background is "blue" everywhere) this fixed threshold fails.
+* **Platelets** are small stained components (``b* < -20`` after the tint is removed) outside
+  white cells.
 * **Red cells** are the pinker-than-background pixels (Otsu threshold on a*, per image), holes
   filled (their pale centres), white cells removed; touching cells are split by the peaks of the
   distance transform, each peak one cell.
 
-All sizes are expressed relative to the red-cell diameter in pixels (``rbc_diameter``, 100 px
-on BCCD's 640x480 frames), so a different magnification needs only that one number.
+All sizes are expressed relative to the red-cell diameter in pixels (``rbc_diameter``), measured
+in each field unless given (about 100 px on BCCD's 640x480 frames).
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -32,10 +37,14 @@ from scipy import ndimage as ndi
 
 from hematovision.data.classes import WBC5
 from hematovision.errors import DatasetError, HematoVisionError
+from hematovision.segment.nuclei import FinderParams, estimate_rbc_diameter, find_nuclei, neutralize_tint
 
 # Classes a found white cell may be given (the five of a differential, plus immature granulocytes).
 WHITE_CELL_TYPES = (*WBC5, "ig")
 _VOC_NAMES = {"wbc": "wbc", "rbc": "rbc", "platelets": "platelet", "platelet": "platelet"}
+FINDERS = ("adaptive", "lab")
+# Used only when a field shows nothing to measure the red-cell diameter on (blank, saturated).
+_FALLBACK_RBC_DIAMETER = 100.0
 
 
 class Classifier(Protocol):
@@ -143,12 +152,16 @@ class FieldResult:
 
 @dataclass(frozen=True)
 class FieldParams:
-    """Tuning of the field pipeline; defaults were chosen on BCCD's CBC training frames only.
+    """Tuning of the field pipeline; the ``lab`` finder, platelet and red-cell defaults were chosen
+    on BCCD's CBC training frames only, the ``adaptive`` finder's in :class:`FinderParams`.
 
     Sizes are fractions of the red-cell diameter ``rbc_diameter`` (areas of its square).
 
     Attributes:
-        rbc_diameter: typical red-cell diameter in pixels (BCCD: ~100).
+        rbc_diameter: typical red-cell diameter in pixels (BCCD: ~100); ``None`` measures it in
+            each field (:func:`hematovision.segment.nuclei.estimate_rbc_diameter`).
+        finder: ``"adaptive"`` (any lab) or ``"lab"`` (the fixed-threshold BCCD finder).
+        nuclei: tuning of the adaptive finder.
         stain_b_max: Lab b* below which a pixel counts as nucleus/platelet stain.
         lobe_gap: closing radius that joins nucleus lobes, × diameter.
         wbc_min_area: smallest nucleus area of a white cell, × diameter².
@@ -159,7 +172,9 @@ class FieldParams:
         rbc_min_radius: a distance-transform peak must be at least this deep, × diameter.
     """
 
-    rbc_diameter: float = 100.0
+    rbc_diameter: float | None = None
+    finder: str = "adaptive"
+    nuclei: FinderParams = FinderParams()
     stain_b_max: float = -20.0
     lobe_gap: float = 0.09
     wbc_min_area: float = 0.25
@@ -169,13 +184,24 @@ class FieldParams:
     rbc_peak_distance: float = 0.35
     rbc_min_radius: float = 0.15
 
+    def __post_init__(self) -> None:
+        if self.finder not in FINDERS:
+            raise HematoVisionError(f"unknown white-cell finder {self.finder!r}; known: {', '.join(FINDERS)}")
+        if self.rbc_diameter is not None and not self.rbc_diameter > 0:
+            raise HematoVisionError(f"the red-cell diameter must be positive, got {self.rbc_diameter}")
+
+    @property
+    def diameter(self) -> float:
+        """The red-cell diameter in pixels (the fallback when it is still to be measured)."""
+        return _FALLBACK_RBC_DIAMETER if self.rbc_diameter is None else self.rbc_diameter
+
     def px(self, fraction: float) -> float:
         """A length fraction of the red-cell diameter, in pixels."""
-        return fraction * self.rbc_diameter
+        return fraction * self.diameter
 
     def area(self, fraction: float) -> float:
         """An area fraction of the squared red-cell diameter, in pixels."""
-        return fraction * self.rbc_diameter**2
+        return fraction * self.diameter**2
 
 
 def analyze_field(
@@ -185,7 +211,7 @@ def analyze_field(
 
     Args:
         image: (H, W, 3) uint8 RGB field of any size.
-        params: tuning (defaults: BCCD magnification).
+        params: tuning (default: the adaptive finder, red-cell diameter measured in the field).
         classifier: optional white-cell classifier applied to each cell's square crop.
 
     Returns:
@@ -195,9 +221,13 @@ def analyze_field(
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise HematoVisionError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    lab = _rgb_to_lab(image)
+    if params.rbc_diameter is None:
+        params = replace(params, rbc_diameter=estimate_rbc_diameter(image) or _FALLBACK_RBC_DIAMETER)
+    # The adaptive pipeline finds platelets and red cells on the tint-free image, so that a cyan
+    # cast is not "stain"; the lab pipeline is the first BCCD one, unchanged.
+    lab = _rgb_to_lab(image if params.finder == "lab" else neutralize_tint(image))
     stain = _stain_mask(lab, params)
-    white_cells = find_white_cells(stain, params)
+    white_cells = find_white_cells(stain, params) if params.finder == "lab" else find_white_cells_adaptive(image, params)
     cell_boxes = [cell.box for cell in white_cells]
     platelets = find_platelets(stain, cell_boxes, params)
     rbc_centers = find_red_cells(lab, stain, cell_boxes, params)
@@ -205,12 +235,44 @@ def analyze_field(
         classify_cells(image, white_cells, classifier)
     return FieldResult(
         shape=image.shape[:2], white_cells=white_cells, rbc_centers=rbc_centers, platelets=platelets,
-        rbc_diameter=params.rbc_diameter,
+        rbc_diameter=params.diameter,
     )
 
 
+def locate_white_cells(image: np.ndarray, params: FieldParams | None = None) -> list[WhiteCell]:
+    """White cells of a field with the finder ``params.finder`` (no platelets, red cells or types).
+
+    Args:
+        image: (H, W, 3) uint8 RGB field.
+        params: tuning; ``rbc_diameter=None`` measures the diameter in this field.
+    """
+    params = params or FieldParams()
+    if params.finder == "adaptive":
+        return find_white_cells_adaptive(image, params)
+    if params.rbc_diameter is None:
+        params = replace(params, rbc_diameter=estimate_rbc_diameter(image) or _FALLBACK_RBC_DIAMETER)
+    return find_white_cells(_stain_mask(_rgb_to_lab(image), params), params)
+
+
+def find_white_cells_adaptive(image: np.ndarray, params: FieldParams | None = None) -> list[WhiteCell]:
+    """White cells of any lab's field (:func:`hematovision.segment.nuclei.find_nuclei`).
+
+    Args:
+        image: (H, W, 3) uint8 RGB field.
+        params: tuning; ``rbc_diameter=None`` measures the diameter in this field.
+
+    Returns:
+        One :class:`WhiteCell` per nucleus (lobes joined), box = the estimated cell box.
+    """
+    params = params or FieldParams()
+    return [
+        WhiteCell(box=Box(*nucleus.box, "wbc"), nucleus_area=round(nucleus.area))
+        for nucleus in find_nuclei(image, params.rbc_diameter, params.nuclei)
+    ]
+
+
 def find_white_cells(stain: np.ndarray, params: FieldParams) -> list[WhiteCell]:
-    """White cells from the stain mask: large stained components, lobes joined.
+    """White cells from a fixed-threshold stain mask (the ``lab`` finder): large stained components, lobes joined.
 
     Args:
         stain: (H, W) boolean mask of stained pixels.

@@ -116,11 +116,21 @@ class AnalysisOut(AnalysisSummary):
     differential: Differential
 
 
+class LabShiftOut(BaseModel):
+    score: float = Field(description="the images' lab-shift score: about 1 for images like the training data")
+    threshold: float | None = Field(description="above it the images are taken to come from another lab")
+    n_images: int
+    shifted: bool
+    message: str | None = Field(description="the warning, when shifted")
+
+
 class PredictResponse(BaseModel):
     analysis_id: int
     results: list[PredictionOut]
     differential: Differential
     backend: str
+    lab_shift: LabShiftOut | None = Field(
+        default=None, description="how unlike the training data these images are (null: the run has no reference)")
 
 
 class AnalysisPage(BaseModel):
@@ -200,11 +210,13 @@ async def predict(request: Request, state: State) -> dict[str, Any]:
     predictions = await state.batcher.submit([image for image, _ in prepared])
     analysis_id = await run_in_threadpool(_store, state, sample, raw_images, prepared, predictions)
     analysis = await run_in_threadpool(state.db.get_analysis, analysis_id)
+    shift = state.engine.lab_shift(predictions)
     return {
         "analysis_id": analysis_id,
         "results": [_prediction_out(p, state) for p in analysis["predictions"]],
         "differential": analysis["differential"],
         "backend": state.engine.backend,
+        "lab_shift": shift.to_dict() if shift is not None else None,
     }
 
 

@@ -24,6 +24,7 @@ from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
+from hematovision.infer.shift import LabShift, ShiftReference
 from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, POLICY_FILE
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class ImagePrediction:
         probabilities: class → calibrated probability.
         ood_score: out-of-distribution score (``None`` when the run has no OOD model).
         reasons: why a person should check it; empty when no review is needed.
+        shift_score: the image's lab-shift score (``None`` when the run has no shift reference);
+            a request's images are scored together by :meth:`Engine.lab_shift`.
     """
 
     label: str
@@ -56,6 +59,7 @@ class ImagePrediction:
     probabilities: dict[str, float]
     ood_score: float | None
     reasons: list[str]
+    shift_score: float | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -94,6 +98,8 @@ class Engine:
         self.views = int(getattr(predictor, "views", 1) or 1)
         self.model = predictor.model.eval()
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.shift = ShiftReference.from_card(self.card.get("shift"))
+        self._shift_warned = False
         self._torch_lock = threading.Lock()
         self._wrapped = LogitsAndFeatures(self.model, self.views)
         self._gradcam: Any = None
@@ -202,6 +208,7 @@ class Engine:
         probabilities = softmax(logits, self.temperature)
         check_finite(probabilities)
         ood = self.policy.ood_scores(features)
+        shift = self.shift.image_scores(features) if self.shift is not None else None
         results = []
         for i, probs in enumerate(probabilities):
             top = int(probs.argmax())
@@ -212,8 +219,19 @@ class Engine:
                 probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
                 ood_score=score,
                 reasons=self.policy.reasons(float(probs[top]), score),
+                shift_score=None if shift is None else float(shift[i]),
             ))
         return results
+
+    def lab_shift(self, predictions: list[ImagePrediction]) -> LabShift | None:
+        """The lab-shift score of one request's images; the server log warns the first time one is shifted."""
+        if self.shift is None:
+            return None
+        result = self.shift.assess([p.shift_score for p in predictions if p.shift_score is not None])
+        if result is not None and result.shifted and not self._shift_warned:
+            self._shift_warned = True  # once per process: every shifted answer carries the warning anyway
+            log.warning("%s", result.message())
+        return result
 
     def heatmap(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
         """Grad-CAM for one image (H, W, 3) uint8; returns the (S, S) heat map in [0, 1].

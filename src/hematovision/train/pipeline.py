@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,15 @@ import torch
 
 import hematovision
 from hematovision._io import write_json
-from hematovision.data.folder import LoadedImages, Sample, label_indices, load_images, scan_image_folder
+from hematovision.data.folder import LoadedImages, Sample, label_indices, load_images
+from hematovision.data.sources import (
+    LabelledSource,
+    classes_in_some_sources,
+    report_sources,
+    scan_labelled,
+    scan_sources,
+    source_summaries,
+)
 from hematovision.data.splits import (
     carve_validation,
     content_groups,
@@ -38,6 +46,7 @@ from hematovision.run import (
     save_weights,
     write_card,
 )
+from hematovision.train.augment import augmented_copy_features, copies_record, fit_training_stain
 from hematovision.train.features import FeatureExtractor
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
 from hematovision.train.frozen import fit_frozen_classifier, head_hidden
@@ -51,7 +60,9 @@ class TrainConfig:
 
     Attributes:
         out: the run folder.
-        data: one dataset folder (split 70/15/15 unless it has train/val/test folders).
+        data: a dataset folder, or several (``--data A --data B``): each is split on its own (70/15/15
+            unless it has train/val/test folders) and the parts are merged; ``split.csv`` names each
+            image's source.
         train_dir, val_dir, test_dir: explicit splits instead of ``data``.
         mode: ``frozen`` (cached features + head) or ``finetune``.
         backbone: registry name.
@@ -65,10 +76,17 @@ class TrainConfig:
             or in the logits (finetune). Saved in the model card; prediction uses the same.
         finetune: the fine-tuning settings.
         resume: continue an interrupted fine-tuning run.
+        stain_norm: ``reinhard`` or ``macenko``: fit a stain reference on the training images and
+            normalise every image to it (``Preprocessing.stain``: prediction does the same).
+        augment_copies: frozen mode: K stain- and optics-augmented copies of each training image
+            join the head's training data (0: none). Recorded in the card's ``data["augment_copies"]``.
+        augment_strength: how strong those copies' changes are (1: the spread measured between labs).
+        cell_scale: scale normalisation (``Preprocessing.cell_scale``): every image is cropped or padded
+            around its white cell so the cell spans this fraction of the input; ``None``: off.
     """
 
     out: Path
-    data: Path | None = None
+    data: Path | list[Path] | None = None
     train_dir: Path | None = None
     val_dir: Path | None = None
     test_dir: Path | None = None
@@ -83,6 +101,16 @@ class TrainConfig:
     tta: int = 1
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resume: bool = False
+    stain_norm: str | None = None
+    augment_copies: int = 0
+    augment_strength: float = 1.0
+    cell_scale: float | None = None
+
+    def data_dirs(self) -> list[Path]:
+        """The ``data`` folders as a list (empty when the splits are given with ``train_dir``)."""
+        if self.data is None:
+            return []
+        return [Path(path) for path in self.data] if isinstance(self.data, (list, tuple)) else [Path(self.data)]
 
     def resolved_image_size(self) -> int:
         if self.image_size:
@@ -93,38 +121,91 @@ class TrainConfig:
 
 
 def resolve_splits(config: TrainConfig) -> tuple[list[Sample], list[str], list[str], list[str]]:
-    """The samples, their split names, groups and file sha256 digests; writes nothing."""
+    """The samples, their split names, groups and file sha256 digests; writes nothing.
+
+    With ``data``, every sample's ``source`` names its dataset; with several datasets each is split
+    on its own and its groups are prefixed with its name, so no group spans two sources.
+    """
     if config.data is None and config.train_dir is None:
         raise DatasetError("give --data DIR, or --train-dir (with optional --val-dir/--test-dir)")
     extra_groups = read_group_csv(config.group_csv) if config.group_csv else None
     if config.data is not None:
-        folder = scan_image_folder(config.data, config.classes)
-        samples = folder.samples
-        if folder.split_names:
-            splits = [sample.split or "" for sample in samples]
-            if "train" not in splits:
-                raise DatasetError(f"{config.data} has split folders {folder.split_names} but no train folder")
-        else:
-            splits = None
+        sources = scan_sources(config.data_dirs(), config.classes)
+        samples, splits, groups, digests = [], [], [], []
+        for source in sources:
+            part = _split_source(source, extra_groups, config.seed)
+            samples += part[0]
+            splits += part[1]
+            groups += [f"{source.name}:{group}" for group in part[2]] if len(sources) > 1 else part[2]
+            digests += part[3]
+        if len(sources) > 1:
+            report_sources(sources, samples, splits, digests)
+        return samples, splits, groups, digests
+    samples, given = [], []
+    for name, folder_path in (("train", config.train_dir), ("val", config.val_dir), ("test", config.test_dir)):
+        if folder_path is not None:
+            part_samples = scan_labelled(folder_path, config.classes).samples
+            samples += part_samples
+            given += [name] * len(part_samples)
+    return _grouped_split(samples, given, extra_groups, config.seed)
+
+
+def _split_source(source: LabelledSource, extra_groups: dict[str, str] | None,
+                  seed: int) -> tuple[list[Sample], list[str], list[str], list[str]]:
+    """One dataset's split: its own split folders if it has them, else the seeded grouped 70/15/15."""
+    folder = source.folder
+    samples = folder.samples
+    if folder.split_names:
+        given: list[str] | None = [sample.split or "" for sample in samples]
+        if "train" not in given:
+            raise DatasetError(f"{source.root} has split folders {folder.split_names} but no train folder")
     else:
-        samples, splits = [], []
-        for name, folder_path in (("train", config.train_dir), ("val", config.val_dir), ("test", config.test_dir)):
-            if folder_path is not None:
-                part = scan_image_folder(folder_path, config.classes).samples
-                samples += part
-                splits += [name] * len(part)
+        given = None
+    return _grouped_split(samples, given, extra_groups, seed)
+
+
+def _grouped_split(samples: list[Sample], given: list[str] | None, extra_groups: dict[str, str] | None,
+                   seed: int) -> tuple[list[Sample], list[str], list[str], list[str]]:
     digests = file_digests(samples)
     groups = content_groups(samples, extra_groups, digests)
     labels = [sample.label for sample in samples]
-    if splits is None:
-        splits = train_val_test_split(labels, groups, seed=config.seed)
-    elif "val" not in splits:
-        # Carve a validation part out of train, whole groups together (needed for early stopping and calibration).
-        train_index = [i for i, s in enumerate(splits) if s == "train"]
-        carved = carve_validation([labels[i] for i in train_index], [groups[i] for i in train_index], seed=config.seed)
-        for i, part in zip(train_index, carved):
-            splits[i] = part
+    if given is None:
+        splits = train_val_test_split(labels, groups, seed=seed)
+    else:
+        splits = list(given)
+        if "val" not in splits:
+            # Carve a validation part out of train, whole groups together (needed for early stopping and calibration).
+            train_index = [i for i, s in enumerate(splits) if s == "train"]
+            carved = carve_validation([labels[i] for i in train_index], [groups[i] for i in train_index], seed=seed)
+            for i, part in zip(train_index, carved):
+                splits[i] = part
     return samples, splits, groups, digests
+
+
+SEEDED_SPLIT = "seeded stratified 70/15/15, duplicate files grouped"
+
+
+def _data_section(config: TrainConfig, samples: list[Sample], parts: dict[str, LoadedImages], failures: int) -> dict:
+    """The card's ``data``: where the images came from, how they were split, how many were used."""
+    dirs = config.data_dirs()
+    if len(dirs) > 1:
+        split = "each source split on its own (its given folders, else " + SEEDED_SPLIT + "); groups never span sources"
+    else:
+        split = "given folders" if config.train_dir or any(s.split for s in samples) else SEEDED_SPLIT
+    data = {
+        "source": " + ".join(map(str, dirs)) or str(config.train_dir),
+        "n_images": {part: len(loaded.samples) for part, loaded in parts.items()},
+        "unreadable_files": failures,
+        "seed": config.seed,
+        "split": split,
+    }
+    if dirs:
+        used = {part: loaded.samples for part, loaded in parts.items()}
+        data["sources"] = source_summaries(dirs, samples, used, SEEDED_SPLIT)
+    if len(dirs) > 1:
+        data["classes_in_some_sources"] = classes_in_some_sources(
+            {entry["name"]: {c for by_class in entry["counts"].values() for c in by_class} for entry in data["sources"]})
+    return data
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -142,6 +223,10 @@ def run_training(config: TrainConfig) -> dict:
         raise ValueError(f"mode must be frozen or finetune, not {config.mode!r}")
     if config.mode == "finetune" and "+" in config.backbone:
         raise DatasetError("combined backbones (a+b) are for frozen mode; fine-tune one backbone")
+    if config.augment_copies and config.mode != "frozen":
+        raise DatasetError("--augment-copies is for frozen mode; fine-tuning augments every epoch (--strong-augment)")
+    if config.augment_copies < 0 or config.augment_strength < 0:
+        raise DatasetError("--augment-copies and --augment-strength must be 0 or more")
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
     if config.mode == "frozen":
@@ -158,7 +243,10 @@ def run_training(config: TrainConfig) -> dict:
     if len(class_names) < 2:
         raise DatasetError(f"training needs at least 2 classes; found {class_names or 'none'} in the training data")
     size = config.resolved_image_size()
-    prep = Preprocessing(size, mean, std)
+    prep = Preprocessing(size, mean, std, cell_scale=config.cell_scale)
+    if config.stain_norm:
+        train_samples = [s for s, split in zip(samples, splits) if split == "train" and s.label in class_names]
+        prep = replace(prep, stain=fit_training_stain(train_samples, prep, config.stain_norm, config.seed))
     parts: dict[str, LoadedImages] = {}
     for part in ("train", "val", "test"):
         chosen = [s for s, split in zip(samples, splits) if split == part and s.label in class_names]
@@ -181,14 +269,7 @@ def run_training(config: TrainConfig) -> dict:
         pretrained=config.pretrained,
         weights=weights if config.pretrained else "random initialisation (no pretrained weights)",
         tta=config.tta,
-        data={
-            "source": str(config.data or config.train_dir),
-            "n_images": {part: len(loaded.samples) for part, loaded in parts.items()},
-            "unreadable_files": len(failures),
-            "seed": config.seed,
-            "split": ("given folders" if config.train_dir or any(s.split for s in samples)
-                      else "seeded stratified 70/15/15, duplicate files grouped"),
-        },
+        data=_data_section(config, samples, parts, len(failures)),
         hematovision_version=hematovision.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         torch=torch.__version__,
@@ -202,7 +283,15 @@ def run_training(config: TrainConfig) -> dict:
         for part, loaded in parts.items():
             hashes = [digest_of[sample.path] for sample in loaded.samples]
             features[part] = extractor.extract_cached(loaded.images, hashes) if len(loaded.samples) else np.zeros((0, 1))
-        model, summary = fit_frozen_classifier(extractor.module, features["train"], y["train"], features["val"],
+        train_x, train_y = features["train"], y["train"]
+        if config.augment_copies:
+            train_hashes = [digest_of[sample.path] for sample in parts["train"].samples]
+            copies = augmented_copy_features(extractor, parts["train"].images, train_hashes, config.augment_copies,
+                                             config.augment_strength, config.seed)
+            train_x = np.concatenate([train_x, copies])
+            train_y = np.concatenate([train_y, np.tile(train_y, config.augment_copies)])
+            card.data["augment_copies"] = copies_record(config.augment_copies, config.augment_strength, len(y["train"]))
+        model, summary = fit_frozen_classifier(extractor.module, train_x, train_y, features["val"],
                                                y["val"], len(class_names), head=config.head, seed=config.seed)
         card.frozen = FrozenHead(taps=list(extractor.taps), num_features=int(features["train"].shape[1]),
                                  hidden=head_hidden(config.head), head=summary)
@@ -220,6 +309,8 @@ def run_training(config: TrainConfig) -> dict:
         logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
                   for part, loaded in parts.items() if len(loaded.samples)}
 
+    card.shift = _lab_shift_reference(model, prep, config.tta, parts, y["val"],
+                                      features if config.mode == "frozen" else None, config.seed)
     temperature = fit_temperature(logits["val"], y["val"])
     card.temperature = temperature
     log.info("temperature fitted on val: %.3f", temperature)
@@ -230,15 +321,18 @@ def run_training(config: TrainConfig) -> dict:
                "test-time views": config.tta}
     if "test" in logits:
         metrics = write_evaluation(out, y["test"], softmax(logits["test"], temperature), class_names,
-                                   f"{config.backbone} ({config.mode}) — held-out test split", context, history)
+                                   f"{config.backbone} ({config.mode}) — held-out test split", context, history,
+                                   sources=[sample.source for sample in parts["test"].samples])
     else:
         log.warning("no test split: the run's report is on the validation split")
         context["split"] = "validation part of split.csv (no test split was given)"
         metrics = write_evaluation(out, y["val"], softmax(logits["val"], temperature), class_names,
-                                   f"{config.backbone} ({config.mode}) — validation split (no test split)", context, history)
+                                   f"{config.backbone} ({config.mode}) — validation split (no test split)", context, history,
+                                   sources=[sample.source for sample in parts["val"].samples])
     metrics["split"] = "test" if "test" in logits else "val"
     card.metrics = {"split": metrics["split"],
-                       **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
+                       **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")},
+                       **({"per_source": metrics["per_source"]} if "per_source" in metrics else {})}
     card.train_seconds = time.perf_counter() - started
     write_card(out, card)
     log.info("run folder: %s (test accuracy %.4f, macro-F1 %.4f)", out, metrics["accuracy"], metrics["macro_f1"])
@@ -246,5 +340,47 @@ def run_training(config: TrainConfig) -> dict:
 
 
 def _config_dict(config: TrainConfig) -> dict:
-    data = asdict(config)
-    return {key: str(value) if isinstance(value, Path) else value for key, value in data.items()}
+    def plain(value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {key: plain(value) for key, value in asdict(config).items()}
+
+
+# Training images whose final-layer features set a fine-tuned run's lab-shift reference (a seeded subset).
+SHIFT_MAX_TRAIN = 2000
+
+
+def _lab_shift_reference(model: torch.nn.Module, prep: Preprocessing, views: int, parts: dict[str, LoadedImages],
+                         val_labels: np.ndarray, pooled: dict[str, np.ndarray] | None, seed: int) -> dict | None:
+    """``card.shift``: the final layer's input statistics on train, the warning threshold from val batches.
+
+    A frozen run's features come from its cached pooled features (no second backbone pass); a
+    fine-tuned run's from one more pass over the validation, test and (at most 2000) training images.
+    """
+    from hematovision.errors import HematoVisionError
+    from hematovision.infer.runtime import torch_forward
+    from hematovision.infer.shift import fit_reference, head_inputs
+
+    try:
+        if pooled is not None:
+            features = {part: head_inputs(model, f) for part, f in pooled.items() if len(f) and f.shape[1] > 1}
+        else:
+            forward = torch_forward(model, prep, views)
+            rng = np.random.default_rng(seed)
+            features = {}
+            for part, loaded in parts.items():
+                images = loaded.images
+                if part == "train" and len(images) > SHIFT_MAX_TRAIN:
+                    images = images[np.sort(rng.choice(len(images), SHIFT_MAX_TRAIN, replace=False))]
+                if len(images):
+                    features[part] = np.concatenate([forward(images[i:i + 64])[1] for i in range(0, len(images), 64)])
+    except HematoVisionError as error:  # a network without a final linear layer has no features to score
+        log.warning("no lab-shift reference: %s", error)
+        return None
+    if len(features.get("train", ())) < 2 or not len(features.get("val", ())):
+        return None
+    shift = fit_reference(features["train"], features["val"], val_labels, features.get("test"), seed=seed)
+    log.info("lab-shift threshold %.3f (%s)", shift["threshold"], shift["calibrated_on"])
+    return shift

@@ -1,0 +1,354 @@
+"""``hematovision adapt RUN --out NEW_RUN (--unlabelled DIR | --data DIR)``: a run fitted to another lab.
+
+The result is an ordinary run folder: the source run's weights with the adapted parts replaced,
+its card (``card.adaptation`` says what was adapted, on which cells, from which run, and the
+numbers before and after), its split and training settings (still true of the training data), and,
+when the source had one, a review policy for the new weights (``serving.json``). Exports made for
+the source weights (ONNX, the OOD model) are not copied: run ``hematovision export`` again if needed.
+
+Guards: the source run is never changed; the new folder appears only when complete; an unlabelled
+adaptation is refused (exit 2, nothing written) when the folder has too few usable cells or when it
+does not bring the cells closer to the training data (lab-shift score); a few-shot adaptation keeps
+the source head and normalisation when cross-validation on the lab's cells finds nothing better.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import hematovision
+from hematovision.adapt import normalise as norm
+from hematovision.adapt.cells import LabCells, read_labelled, read_unlabelled
+from hematovision.adapt.head import choose_head, summarise, threshold_and_temperature
+from hematovision.errors import HematoVisionError
+from hematovision.evaluate.metrics import softmax
+from hematovision.infer.policy import ReviewPolicy
+from hematovision.infer.runtime import classifier_layer
+from hematovision.infer.shift import ShiftReference, head_inputs
+from hematovision.run import CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, ModelCard, load_run, save_weights, write_card
+
+log = logging.getLogger(__name__)
+
+MIN_CELLS = 30  # unlabelled: fewer cells give statistics too noisy to normalise ~2000 features with
+MIN_LABELLED = 2
+OUTLIER_IQR = 3.0  # Tukey's "far out": images this unlike the folder's others are not taken for cells
+TARGET_ACCURACY = 0.99  # of the cells the review policy accepts, when the source policy does not say
+
+
+class AdaptationRefused(HematoVisionError):
+    """The adaptation was not done (too few cells, or it would not help); the source run is unchanged."""
+
+
+def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None = None,
+              data: str | Path | None = None, k_per_class: int | None = None, seed: int = 0,
+              entropy_epochs: int = 0) -> dict[str, Any]:
+    """Adapt the run in ``source`` to a lab's cells and write the new run folder ``out``.
+
+    Args:
+        source: a run folder from ``hematovision train`` (or ``adapt``).
+        out: the new run folder (must not exist, or be empty).
+        unlabelled: a folder of the lab's cells, without labels (label-free adaptation).
+        data: the lab's labelled cells in class folders (few-shot adaptation).
+        k_per_class: use at most this many labelled cells per class (a seeded subset); default all.
+        seed: seeds the subset and the folds.
+        entropy_epochs: unlabelled only: passes of entropy minimisation after the statistics (0: off).
+
+    Returns:
+        ``card.adaptation`` of the new run.
+
+    Raises:
+        AdaptationRefused: too few usable cells, or nothing to adapt; nothing was written.
+        HematoVisionError: bad arguments or input (one line each).
+    """
+    started = time.perf_counter()
+    source, out = Path(source), Path(out)
+    if (unlabelled is None) == (data is None):
+        raise HematoVisionError("give the lab's cells with --unlabelled DIR or with --data DIR (labelled), one of them")
+    if k_per_class is not None and k_per_class < 1:
+        raise HematoVisionError(f"--k-per-class must be at least 1, got {k_per_class}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HematoVisionError(f"{out} already exists; choose a new --out folder (the source run stays as it is)")
+    if out.resolve() == source.resolve():
+        raise HematoVisionError("--out must be a new folder, not the source run")
+    card, model = load_run(source)
+    source_policy = _source_policy(source, card)
+    torch.manual_seed(seed)
+    if unlabelled is not None:
+        result = _unlabelled(card, model, Path(unlabelled), source_policy, entropy_epochs, seed)
+    else:
+        assert data is not None
+        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed)
+    model, adaptation, temperature = result["model"], result["adaptation"], result["temperature"]
+    adaptation.update({"source_run": str(source.resolve()), "source_sha256": card.weights_sha256,
+                       "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs},
+                       "seconds": round(time.perf_counter() - started, 1)})
+    new_card = replace(card, temperature=temperature, metrics=result.get("metrics", {}), adaptation=adaptation,
+                       files={}, hematovision_version=hematovision.__version__,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
+    _write_run(source, out, model, new_card, result)
+    return adaptation
+
+
+def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
+                entropy_epochs: int, seed: int) -> dict[str, Any]:
+    prep, views = card.preprocessing, card.tta
+    cells = read_unlabelled(folder, prep)
+    _require_cells(cells, folder, MIN_CELLS, "unlabelled ")
+    frozen = norm.is_frozen(model)
+    if frozen:
+        pooled = norm.pooled_features(model, cells.images, prep, views)
+        keep = feature_inliers(pooled)
+        cells.drop(keep, "not a cell: unlike the folder's other images (features far out)")
+        pooled = pooled[keep]
+        _require_cells(cells, folder, MIN_CELLS, "unlabelled ")
+        logits0, features0 = norm.head_outputs(model, pooled)
+        norm.set_standardisation(model, *norm.lab_standardisation(pooled, model.feature_std.numpy()))
+        adapted = ["feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells"]
+        if entropy_epochs:
+            logits_of, parameters, commit = norm.frozen_entropy_parameters(model, pooled)
+            norm.minimise_entropy(logits_of, parameters, len(pooled), entropy_epochs, card.temperature, seed=seed)
+            commit()
+            adapted.append(f"feature standardisation tuned by entropy minimisation ({entropy_epochs} epochs)")
+        logits1, features1 = norm.head_outputs(model, pooled)
+    else:
+        if not norm.batchnorm_layers(model):
+            raise AdaptationRefused(f"{card.backbone} has no batch-norm layers: there are no statistics to re-estimate "
+                                    "without labels; adapt with --data and a few labelled cells per class instead")
+        logits0, features0 = norm.final_outputs(model, cells.images, prep, views)
+        keep = feature_inliers(features0)
+        cells.drop(keep, "not a cell: unlike the folder's other images (features far out)")
+        logits0, features0 = logits0[keep], features0[keep]
+        _require_cells(cells, folder, MIN_CELLS, "unlabelled ")
+        layers = norm.adapt_batchnorm(model, cells.images, prep, views)
+        adapted = [f"batch-norm running statistics of {layers} layers re-estimated on the lab's cells (AdaBN)"]
+        if entropy_epochs:
+            logits_of, parameters = norm.batchnorm_entropy_parameters(model, cells.images, prep)
+            norm.minimise_entropy(logits_of, parameters, len(cells.images), entropy_epochs, card.temperature, seed=seed)
+            adapted.append(f"batch-norm scales and shifts tuned by entropy minimisation ({entropy_epochs} epochs)")
+        logits1, features1 = norm.final_outputs(model, cells.images, prep, views)
+
+    reference = shift_reference(card, model)
+    before = _state(logits0, features0, card.temperature, card.class_names, reference)
+    after = _state(logits1, features1, card.temperature, card.class_names, reference)
+    threshold = before.get("lab_shift_threshold")
+    if threshold is not None and before["lab_shift"] <= threshold:
+        # Re-estimating ~2000 statistics on a folder that is not shifted only adds its sampling noise.
+        raise AdaptationRefused(f"the cells in {folder} already look like the training data (lab-shift score "
+                                f"{before['lab_shift']:.2f}, threshold {threshold:.2f}): there is no lab shift to "
+                                "adapt to; the source run is kept (adapt with --data to fit it to labelled cells)")
+    if before["lab_shift"] is not None and after["lab_shift"] >= before["lab_shift"]:
+        raise AdaptationRefused(f"adapting on {folder} did not bring its cells closer to the training data (lab-shift "
+                                f"score {before['lab_shift']:.2f} -> {after['lab_shift']:.2f}); the source run is kept")
+    adaptation = {"method": "unlabelled", "adapted": adapted, "cells": cells.record(card.class_names),
+                  "before": before, "after": after,
+                  "predictions_changed": round(float((logits0.argmax(1) != logits1.argmax(1)).mean()), 4),
+                  "note": "no labels: accuracy on this lab is not measured; the shift score and entropy are"}
+    policy = None
+    if source_policy is not None:
+        # Without labels the confidence threshold cannot be recalibrated: the source's is kept. Its OOD
+        # model was fitted on the old features, which the new normalisation moved: it is dropped.
+        policy = ReviewPolicy(source_policy.confidence_threshold, None, calibrated=source_policy.calibrated, info={
+            "target_accuracy": source_policy.info.get("target_accuracy"),
+            "fitted_on": {"thresholds": "the source run's validation split (no labels to recalibrate on this lab)"},
+            "ood": "no OOD check: the source's OOD model was fitted on features this adaptation re-normalised"})
+    return {"model": model, "adaptation": adaptation, "temperature": card.temperature, "policy": policy}
+
+
+def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
+              k_per_class: int | None, seed: int) -> dict[str, Any]:
+    prep, views, names = card.preprocessing, card.tta, card.class_names
+    cells = read_labelled(folder, names, prep, k_per_class, seed)
+    _require_cells(cells, folder, MIN_LABELLED, "labelled ")
+    labels = cells.labels
+    assert labels is not None
+    layer = classifier_layer(model)
+    weight0 = layer.weight.detach().numpy().copy()
+    bias0 = layer.bias.detach().numpy().copy() if layer.bias is not None else np.zeros(len(names), np.float32)
+    frozen = norm.is_frozen(model)
+    lab_model = model
+    if frozen:
+        pooled = norm.pooled_features(model, cells.images, prep, views)
+        source_mean, source_std = model.feature_mean.numpy().copy(), model.feature_std.numpy().copy()
+        logits0, features0 = norm.head_outputs(model, pooled)
+
+        def lab_features(train: np.ndarray) -> np.ndarray:
+            norm.set_standardisation(model, *norm.lab_standardisation(pooled[train], source_std))
+            try:
+                return head_inputs(model, pooled)
+            finally:
+                norm.set_standardisation(model, source_mean, source_std)
+
+        makers = {"source": lambda train: features0, "lab": lab_features}
+    else:
+        logits0, features0 = norm.final_outputs(model, cells.images, prep, views)
+        makers = {"source": lambda train: features0}
+        if norm.batchnorm_layers(model):
+            # AdaBN on all the labelled cells (label-free, so the folds share it).
+            lab_model = copy.deepcopy(model)
+            norm.adapt_batchnorm(lab_model, cells.images, prep, views)
+            lab_features_all = norm.final_outputs(lab_model, cells.images, prep, views)[1]
+            makers["lab"] = lambda train: lab_features_all
+    choice = choose_head(makers, labels, weight0, bias0, seed)
+
+    adapted = []
+    if choice.norm == "lab":
+        if frozen:
+            norm.set_standardisation(model, *norm.lab_standardisation(pooled, source_std))
+            adapted.append("feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells")
+        else:
+            model = lab_model
+            adapted.append("batch-norm running statistics re-estimated on the lab's cells (AdaBN)")
+    if choice.prior is not None:
+        layer = classifier_layer(model)
+        with torch.no_grad():
+            layer.weight.copy_(torch.as_tensor(choice.weight))
+            if layer.bias is not None:
+                layer.bias.copy_(torch.as_tensor(choice.bias))
+        adapted.append(f"final layer refitted on the lab's cells, pulled towards the source head (prior {choice.prior:g})"
+                       if choice.anchor == "source" else
+                       f"final layer fitted anew on the lab's cells (L2 {choice.prior:g})")
+    # A model class without labelled cells: a refitted source head keeps its row (pushed down only
+    # by the lab's other cells); a new head has never seen it and does not predict it.
+    missing = ""
+    if cells.missing_classes:
+        missing = ("never predicted by the new head" if choice.prior is not None and choice.anchor == "zero"
+                   else "kept from the source head; not measured on this lab")
+        log.info("no labelled cells of %s: %s", ", ".join(cells.missing_classes), missing)
+    target = float((source_policy.info.get("target_accuracy") if source_policy else None) or TARGET_ACCURACY)
+    temperature, threshold, policy_info = threshold_and_temperature(choice.oof_logits, labels, target)
+    adapted += ["temperature recalibrated on the lab's cells (out-of-fold)",
+                "review policy's confidence threshold recalibrated on the lab's cells (out-of-fold)"]
+    reference = shift_reference(card, model)
+    before = {**summarise(labels, softmax(logits0, card.temperature), names),
+              **_state(logits0, features0, card.temperature, names, reference)}
+    oof_probs = softmax(choice.oof_logits, temperature)
+    after = {**summarise(labels, oof_probs, names),
+             **_state(choice.oof_logits, choice.features, temperature, names, reference)}
+    adaptation = {"method": "few-shot", "adapted": adapted, "cells": cells.record(names),
+                  "choice": {"chosen": choice.describe(), "norm": choice.norm, "anchor": choice.anchor,
+                             "prior": choice.prior, "folds": choice.folds, "candidates": choice.candidates},
+                  "classes_without_cells": {"classes": cells.missing_classes, "what happens": missing or None},
+                  "before": before, "after": after,
+                  "measured": f"before: the source run on all {len(labels)} labelled cells; after: out-of-fold "
+                              f"predictions ({choice.folds}; the configuration was chosen on the same folds)",
+                  "temperature": {"source": card.temperature, "lab": round(temperature, 4)},
+                  "review_threshold": {"confidence": threshold, **policy_info}}
+    metrics = {"split": f"the lab's labelled cells, out-of-fold ({choice.folds})",
+               **{k: after[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
+    policy = ReviewPolicy(threshold, None, calibrated=True, info={
+        "target_accuracy": target,
+        "fitted_on": {"thresholds": f"out-of-fold predictions on {len(labels)} labelled cells of {folder}"},
+        "validation": {"coverage": policy_info["coverage"], "accepted_accuracy": policy_info["accepted_accuracy"]},
+        "ood": "no OOD check: too few cells of the new lab to fit one"})
+    return {"model": model, "adaptation": adaptation, "temperature": temperature, "policy": policy,
+            "metrics": metrics, "evaluation": (labels, oof_probs)}
+
+
+def _source_policy(source: Path, card: ModelCard) -> ReviewPolicy | None:
+    """The source run's review policy, if it has one made for its current weights."""
+    try:
+        policy = ReviewPolicy.load(source)
+    except (ValueError, KeyError, OSError):
+        return None
+    if policy is not None and policy.info.get("source_sha256") not in (None, card.weights_sha256):
+        return None
+    return policy
+
+
+def _require_cells(cells: LabCells, folder: Path, minimum: int, kind: str) -> None:
+    if len(cells.files) >= minimum:
+        return
+    reasons: dict[str, int] = {}
+    for _, reason in cells.excluded:
+        key = reason.split(" (")[0] if reason.startswith("not a cell") else reason.split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    left_out = "; ".join(f"{n} {why}" for why, n in reasons.items())
+    raise AdaptationRefused(f"{folder} has {len(cells.files)} usable {kind}cell image(s), fewer than the {minimum} "
+                            f"needed{f' (left out: {left_out})' if left_out else ''}; the source run is kept")
+
+
+def feature_inliers(features: np.ndarray) -> np.ndarray:
+    """Which images look like the folder's others: a non-cell photo among cells is far out.
+
+    Each image's mean squared robust z-score (median and MAD of the folder, capped at 100) is
+    compared with the folder's: above the third quartile plus 3 interquartile ranges (Tukey's far
+    out) it is left out. Folders of fewer than :data:`MIN_CELLS` images are kept whole.
+    """
+    n = len(features)
+    if n < MIN_CELLS:
+        return np.ones(n, bool)
+    median = np.median(features, axis=0)
+    mad = 1.4826 * np.median(np.abs(features - median), axis=0)
+    spread = np.where(mad < 1e-6, features.std(axis=0), mad)
+    spread = np.where(spread < 1e-6, 1.0, spread)
+    scores = np.minimum(((features - median) / spread) ** 2, 100.0).mean(axis=1)
+    q1, q3 = np.quantile(scores, [0.25, 0.75])
+    keep: np.ndarray = scores <= q3 + OUTLIER_IQR * (q3 - q1)
+    return keep
+
+
+def shift_reference(card: ModelCard, model: torch.nn.Module) -> ShiftReference | None:
+    """The lab-shift reference of the run: its card's, or (frozen linear head) the standardised one."""
+    reference = ShiftReference.from_card(card.shift)
+    if reference is None and card.frozen is not None and card.frozen.hidden == 0 and norm.is_frozen(model):
+        reference = ShiftReference.standardised()
+    return reference
+
+
+def _state(logits: np.ndarray, features: np.ndarray, temperature: float, names: list[str],
+           reference: ShiftReference | None) -> dict[str, Any]:
+    """Lab-shift score, mean prediction entropy and predicted class shares of the lab's cells."""
+    probs = softmax(logits, temperature)
+    entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1).mean())
+    shares = np.bincount(probs.argmax(1), minlength=len(names)) / max(len(probs), 1)
+    state: dict[str, Any] = {"lab_shift": None, "mean_entropy": round(entropy, 4),
+                             "predicted": {name: round(float(x), 4) for name, x in zip(names, shares) if x}}
+    if reference is not None:
+        result = reference.assess(reference.image_scores(features))
+        if result is not None:
+            state["lab_shift"] = round(result.score, 4)
+            state["lab_shift_threshold"] = None if result.threshold is None else round(result.threshold, 4)
+    return state
+
+
+def _write_run(source: Path, out: Path, model: torch.nn.Module, card: ModelCard, result: dict[str, Any]) -> None:
+    """Write the new run folder under a temporary name, check it loads, then move it into place."""
+    from hematovision._io import sha256_file
+
+    tmp = out.parent / f".{out.name}.adapting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in (SPLIT_FILE, CONFIG_FILE, UNREADABLE_FILE):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        save_weights(model.eval(), tmp / MODEL_FILE)
+        write_card(tmp, card)
+        policy: ReviewPolicy | None = result.get("policy")
+        if policy is not None:
+            policy.info.update({"source_sha256": sha256_file(tmp / MODEL_FILE), "views": card.tta})
+            policy.save(tmp)
+        if "evaluation" in result:
+            from hematovision.evaluate.report import write_evaluation
+
+            labels, probs = result["evaluation"]
+            write_evaluation(tmp, labels, probs, card.class_names,
+                             f"{card.backbone} ({card.mode}) adapted — the lab's cells, out-of-fold",
+                             {"run": str(out), "source run": str(source), "split": card.metrics.get("split", "")})
+        load_run(tmp)  # the folder is complete and its weights match its card
+        if out.exists():
+            out.rmdir()  # empty (checked before)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

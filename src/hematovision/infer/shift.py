@@ -1,0 +1,274 @@
+"""The lab-shift score: how unlike the training labs a batch of images is.
+
+Another lab's microscope, camera, stain and magnification move every feature the network
+computes; a single cell may still look typical, a whole batch of them does not. The score is
+computed from the features the model already has (the input of its final linear layer, the
+``features`` output of :class:`~hematovision.infer.runtime.LogitsAndFeatures`):
+
+* each feature is standardised with its mean and standard deviation over the training split,
+  ``z = (f - mean) / std``; an image's score is its mean squared standardised feature,
+  ``mean_d min(z_d^2, 100)`` (about 1 for a typical training image, whatever the dimension). The
+  cap at 10 standard deviations keeps a few features that were nearly constant in training (a
+  pretrained backbone has such channels) from deciding the score alone: on PBC validation images
+  the uncapped mean is 0.9 for the median image but 23 on average;
+* a batch's score is the mean of its images' scores. A moved stain or magnification shifts and
+  stretches the features, and the score grows with both.
+
+The warning threshold is calibrated when the run is trained (``hematovision train`` stores it in
+``card.shift``): the 99th percentile of the score over batches of 32 held-out images of the
+training labs (the validation split), half of them drawn at random and half from one class each
+(a folder of one cell type, or a sample with many lymphocytes, must not warn). A batch of n
+images is compared with a threshold widened by ``sqrt(32 / n)`` when n < 32, since a small batch's
+mean varies more. Runs trained before the score existed have no ``card.shift`` and never warn.
+
+For a frozen run the final layer's input is already standardised (``feature_mean``/``feature_std``
+of :class:`~hematovision.models.frozen.FrozenClassifier`), so its reference is 0 and 1 and the card
+stores no vectors; ``hematovision adapt`` re-estimates that standardisation on a lab's cells,
+which brings the lab's score back towards 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hematovision.infer.runtime import classifier_layer
+
+SHIFT_BATCH = 32  # images per calibration batch: a typical upload or a slide's differential
+SHIFT_QUANTILE = 0.99  # of in-lab batch scores: about 1 in 100 in-lab batches of 32 warns
+Z2_CAP = 100.0  # squared standardised features are capped at 10 standard deviations
+METHOD = "mean over the final layer's inputs of the squared standardised feature (capped at 100)"
+_STANDARDISED_TOLERANCE = 1e-3  # a reference this close to (0, 1) is stored without its vectors
+
+
+@dataclass(frozen=True)
+class LabShift:
+    """The lab-shift score of one batch of images.
+
+    Attributes:
+        score: the batch's mean image score (about 1 for images like the training ones).
+        threshold: the calibrated threshold for a batch of this size (``None``: not calibrated).
+        n_images: images in the batch.
+    """
+
+    score: float
+    threshold: float | None
+    n_images: int
+
+    @property
+    def shifted(self) -> bool:
+        """Whether the batch is above the threshold."""
+        return self.threshold is not None and self.score > self.threshold
+
+    def message(self) -> str:
+        """The warning, in words a lab understands (empty when the batch is not shifted)."""
+        if not self.shifted:
+            return ""
+        return (f"these images differ from the training data (lab-shift score {self.score:.2f}, threshold "
+                f"{self.threshold:.2f}, {self.n_images} image(s)): the microscope, camera, stain or magnification "
+                "is probably another lab's; expect lower accuracy; run `hematovision adapt` to fit the model "
+                "to this lab")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: score, threshold, images, whether it warns, and the warning."""
+        return {"score": round(self.score, 4), "threshold": None if self.threshold is None else round(self.threshold, 4),
+                "n_images": self.n_images, "shifted": self.shifted, "message": self.message() or None}
+
+
+@dataclass(frozen=True)
+class ShiftReference:
+    """Training-feature statistics and the calibrated threshold (what ``card.shift`` holds).
+
+    Attributes:
+        mean: (D,) training mean of each feature; ``None``: 0 (features already standardised).
+        std: (D,) training standard deviation; ``None``: 1.
+        image_score_mean: the mean image score over held-out in-lab images.
+        threshold: the batch score above which a batch of :attr:`batch` images warns.
+        batch: the calibration batch size.
+    """
+
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    image_score_mean: float
+    threshold: float | None
+    batch: int = SHIFT_BATCH
+
+    @classmethod
+    def standardised(cls) -> ShiftReference:
+        """The reference of features standardised on the training split, without a threshold.
+
+        A frozen run's linear head takes such features, so its score can be computed even when its
+        card predates ``card.shift`` (``hematovision adapt`` reports it; nothing warns).
+        """
+        return cls(None, None, 1.0, None)
+
+    @classmethod
+    def from_card(cls, shift: Mapping[str, Any] | None) -> ShiftReference | None:
+        """The reference in ``card.shift``; ``None`` when the card has none or it is unusable."""
+        if not shift or "threshold" not in shift:
+            return None
+        try:
+            mean = None if shift.get("mean") is None else np.asarray(shift["mean"], dtype=np.float32)
+            std = None if shift.get("std") is None else np.asarray(shift["std"], dtype=np.float32)
+            threshold = None if shift["threshold"] is None else float(shift["threshold"])
+            reference = cls(mean, std, float(shift.get("image_score_mean", 1.0)), threshold,
+                            int(shift.get("batch", SHIFT_BATCH)))
+        except (TypeError, ValueError):
+            return None
+        if std is not None and (mean is None or mean.shape != std.shape or not (std > 0).all()):
+            return None
+        return reference
+
+    def image_scores(self, features: np.ndarray) -> np.ndarray:
+        """Each image's mean squared standardised feature; (N, D) → (N,) float64."""
+        z = np.asarray(features, dtype=np.float64)
+        if self.mean is not None and self.std is not None:
+            if z.shape[1] != self.mean.shape[0]:
+                raise ValueError(f"features have {z.shape[1]} dimensions, the shift reference {self.mean.shape[0]}")
+            z = (z - self.mean) / self.std
+        scores: np.ndarray = np.minimum(z**2, Z2_CAP).mean(axis=1)
+        return scores
+
+    def threshold_for(self, n_images: int) -> float | None:
+        """The threshold for a batch of ``n_images``: widened by ``sqrt(batch / n)`` below the calibration batch."""
+        if self.threshold is None or n_images < 1:
+            return None
+        widen = math.sqrt(self.batch / min(n_images, self.batch))
+        return self.image_score_mean + (self.threshold - self.image_score_mean) * widen
+
+    def assess(self, image_scores: Sequence[float] | np.ndarray) -> LabShift | None:
+        """The batch's :class:`LabShift` from its images' scores; ``None`` for an empty batch."""
+        scores = np.asarray(image_scores, dtype=np.float64)
+        scores = scores[np.isfinite(scores)]
+        if not len(scores):
+            return None
+        return LabShift(float(scores.mean()), self.threshold_for(len(scores)), len(scores))
+
+
+@dataclass
+class ShiftMonitor:
+    """Collects image scores over several calls (a folder predicted in batches, a sample's fields).
+
+    Attributes:
+        reference: the run's :class:`ShiftReference`.
+        scores: the image scores seen since the last :meth:`reset`.
+    """
+
+    reference: ShiftReference
+    scores: list[float] = field(default_factory=list)
+
+    def update(self, features: np.ndarray) -> np.ndarray:
+        """Score (N, D) features, remember the scores and return them."""
+        scores = self.reference.image_scores(features)
+        self.scores.extend(float(s) for s in scores)
+        return scores
+
+    def result(self) -> LabShift | None:
+        """The lab-shift of every image seen; ``None`` when none was."""
+        return self.reference.assess(self.scores)
+
+    def reset(self) -> None:
+        """Forget the images seen."""
+        self.scores.clear()
+
+
+def fit_reference(
+    train_features: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray | None = None,
+    test_features: np.ndarray | None = None,
+    batch: int = SHIFT_BATCH,
+    quantile: float = SHIFT_QUANTILE,
+    n_batches: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``card.shift`` of a run: training statistics and the threshold from held-out batches.
+
+    Args:
+        train_features: (N, D) final-layer inputs of training images (the reference statistics).
+        val_features: (M, D) the same for held-out in-lab images (the threshold).
+        val_labels: (M,) their classes: half the calibration batches are then drawn from one class
+            each; without labels all are drawn at random.
+        test_features: (T, D) optional: how often random test batches warn is recorded.
+        batch: calibration batch size.
+        quantile: of the calibration batches' scores.
+        n_batches: batches drawn (with replacement, so a small validation split works).
+        seed: seeds the batches.
+
+    Returns:
+        A JSON-ready dict for ``card.shift``.
+    """
+    train = np.asarray(train_features, dtype=np.float64)
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)  # a feature constant in training keeps scale 1 (as the frozen head does)
+    standardised = bool(np.abs(mean).max() < _STANDARDISED_TOLERANCE and np.abs(std - 1).max() < _STANDARDISED_TOLERANCE)
+    reference = ShiftReference(None if standardised else mean.astype(np.float32),
+                               None if standardised else std.astype(np.float32), 1.0, None, batch)
+    rng = np.random.default_rng(seed)
+    val_scores = reference.image_scores(val_features)
+    groups = [np.arange(len(val_scores))]
+    if val_labels is not None:
+        groups += [np.flatnonzero(np.asarray(val_labels) == c) for c in np.unique(val_labels)]
+    mixed = _random_batch_scores(val_scores, groups[0], batch, n_batches // 2 if len(groups) > 1 else n_batches, rng)
+    single = [_random_batch_scores(val_scores, groups[1 + int(rng.integers(len(groups) - 1))], batch, 1, rng)
+              for _ in range(n_batches - len(mixed))]
+    threshold = float(np.quantile(np.concatenate([mixed, *single]), quantile))
+    drawn = f"{len(mixed)} random and {len(single)} single-class" if single else f"{len(mixed)} random"
+    shift: dict[str, Any] = {
+        "method": METHOD,
+        "reference": f"train split, {len(train)} images",
+        "image_score_mean": round(float(val_scores.mean()), 6),
+        "batch": batch,
+        "quantile": quantile,
+        "threshold": round(threshold, 6),
+        "calibrated_on": f"val split ({len(val_scores)} images): {drawn} batches of {batch}",
+    }
+    if test_features is not None and len(test_features):
+        test_scores = reference.image_scores(test_features)
+        test_batches = _random_batch_scores(test_scores, np.arange(len(test_scores)), batch, n_batches, rng)
+        shift["test_batches_over_threshold"] = round(float((test_batches > threshold).mean()), 4)
+        shift["test_image_score_mean"] = round(float(test_scores.mean()), 6)
+    if not standardised:
+        shift["mean"] = [float(f"{v:.6g}") for v in mean]
+        shift["std"] = [float(f"{v:.6g}") for v in std]
+    return shift
+
+
+def _random_batch_scores(scores: np.ndarray, pool: np.ndarray, batch: int, n_batches: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    index = pool[rng.integers(0, len(pool), size=(n_batches, batch))]
+    means: np.ndarray = scores[index].mean(axis=1)
+    return means
+
+
+@torch.inference_mode()
+def head_inputs(model: nn.Module, pooled: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The final linear layer's inputs from a frozen classifier's pooled features (no backbone pass).
+
+    Args:
+        model: a :class:`~hematovision.models.frozen.FrozenClassifier` (it has ``forward_head``).
+        pooled: (N, D) pooled backbone features, as cached by training.
+
+    Returns:
+        (N, D') float32: what :class:`~hematovision.infer.runtime.LogitsAndFeatures` returns as features.
+    """
+    forward_head = getattr(model, "forward_head", None)
+    if forward_head is None:
+        raise TypeError(f"{type(model).__name__} has no forward_head; it is not a frozen classifier")
+    captured: list[Tensor] = []
+    handle = classifier_layer(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    try:
+        for start in range(0, len(pooled), batch_size):
+            forward_head(torch.as_tensor(np.asarray(pooled[start:start + batch_size]), dtype=torch.float32))
+    finally:
+        handle.remove()
+    if not captured:
+        return np.zeros((0, classifier_layer(model).in_features), np.float32)
+    return torch.cat([c.flatten(1) for c in captured]).numpy()
