@@ -107,11 +107,16 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         folder = ImageFolder(root, samples, ignored)
     else:
         folder = _scan_class_dirs(root, None)
+    return keep_classes(folder, classes)
+
+
+def keep_classes(folder: ImageFolder, classes: Sequence[str] | None) -> ImageFolder:
+    """Keep only ``classes`` (any spelling) in ``folder``; a class the folder lacks is a clear error."""
     if classes is not None:
         wanted = {normalize_class_name(name) for name in classes}
         unknown = wanted - set(folder.class_names)
         if unknown:
-            raise DatasetError(f"{root}: classes {sorted(unknown)} not found; found {folder.class_names}")
+            raise DatasetError(f"{folder.root}: classes {sorted(unknown)} not found; found {folder.class_names}")
         folder.samples = [sample for sample in folder.samples if sample.label in wanted]
     return folder
 

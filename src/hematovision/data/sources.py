@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hematovision.data.classes import ZHENG_CODES, normalize_class_name
-from hematovision.data.folder import SPLIT_ALIASES, ImageFolder, Sample, scan_image_folder
+from hematovision.data.folder import SPLIT_ALIASES, ImageFolder, Sample, keep_classes, scan_image_folder
 from hematovision.data.images import is_image_file
 from hematovision.errors import DatasetError
 
@@ -80,13 +80,7 @@ def scan_labelled(root: str | Path, classes: list[str] | None = None) -> ImageFo
                                "or give class folders ROOT/<class>/*")
         return scan_image_folder(root, classes)
     folder = scan_label_table(root, table)
-    if classes is not None:
-        wanted = {normalize_class_name(name) for name in classes}
-        unknown = wanted - set(folder.class_names)
-        if unknown:
-            raise DatasetError(f"{root}: classes {sorted(unknown)} not found; found {folder.class_names}")
-        folder.samples = [sample for sample in folder.samples if sample.label in wanted]
-    return folder
+    return keep_classes(folder, classes)
 
 
 def _image_dir(root: Path) -> Path | None:
