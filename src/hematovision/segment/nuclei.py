@@ -144,8 +144,6 @@ def estimate_rbc_diameter(image: np.ndarray, work_size: int = 256) -> float | No
     Returns:
         The diameter in the image's pixels, or ``None`` when the image shows no cell-like foreground.
     """
-    from skimage.filters import threshold_otsu
-
     small, factor = _downscale(np.asarray(image), work_size)
     if min(small.shape[:2]) < 8:
         return None
