@@ -8,6 +8,9 @@ Modules (imported on use, so the CLI stays fast):
 * :mod:`~hematovision.segment.unet` — a small U-Net, its training loop and run folders;
 * :mod:`~hematovision.segment.metrics` — Dice, IoU, pixel accuracy;
 * :mod:`~hematovision.segment.field` — finding and counting cells in a whole smear field;
+* :mod:`~hematovision.segment.nuclei` — the white-cell finder that adapts to each lab's tint, stain and magnification;
+* :mod:`~hematovision.segment.detection` — scoring a finder against YOLO boxes (F1, exact counts);
+* :mod:`~hematovision.segment.crops` — crop-first datasets (each frame's white cell);
 * :mod:`~hematovision.segment.differential` — the differential count report;
 * :mod:`~hematovision.segment.files` — segmenting image files (``hematovision segment``);
 * :mod:`~hematovision.segment.training` — a U-Net from a mask dataset (``hematovision segment train``);

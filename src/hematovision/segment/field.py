@@ -14,8 +14,8 @@ beyond a few frames for tuning, is fast on a CPU and fails in ways that can be e
   -7.5). ``b* < -20`` marks stained pixels; white cells are stained components with a large area
   after a closing that joins the lobes of a segmented nucleus, boxed with a fixed margin. On
   another lab's tint (a cyan background is "blue" everywhere) this fixed threshold fails.
-* **Platelets** are small stained components (``b* < -20`` after the tint is removed) outside
-  white cells.
+* **Platelets** are small stained components (``b* < -20`` once the background has the hue of
+  BCCD's, where this was tuned) outside white cells.
 * **Red cells** are the pinker-than-background pixels (Otsu threshold on a*, per image), holes
   filled (their pale centres), white cells removed; touching cells are split by the peaks of the
   distance transform, each peak one cell.
@@ -45,6 +45,9 @@ _VOC_NAMES = {"wbc": "wbc", "rbc": "rbc", "platelets": "platelet", "platelet": "
 FINDERS = ("adaptive", "lab")
 # Used only when a field shows nothing to measure the red-cell diameter on (blank, saturated).
 _FALLBACK_RBC_DIAMETER = 100.0
+# Background colour (relative to its mean) of BCCD's CBC train frames, where the platelet and
+# red-cell thresholds were tuned; every field's background is given this hue first.
+_TUNING_BACKGROUND = (1.005, 1.010, 0.985)
 
 
 class Classifier(Protocol):
@@ -223,11 +226,11 @@ def analyze_field(
         raise HematoVisionError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     if params.rbc_diameter is None:
         params = replace(params, rbc_diameter=estimate_rbc_diameter(image) or _FALLBACK_RBC_DIAMETER)
-    # The adaptive pipeline finds platelets and red cells on the tint-free image, so that a cyan
-    # cast is not "stain"; the lab pipeline is the first BCCD one, unchanged.
-    lab = _rgb_to_lab(image if params.finder == "lab" else neutralize_tint(image))
+    # The adaptive pipeline finds platelets and red cells after giving the background the hue of
+    # the tuning frames, so that a cyan cast is not "stain"; the lab pipeline is the first BCCD one.
+    lab = _rgb_to_lab(image if params.finder == "lab" else neutralize_tint(image, target=_TUNING_BACKGROUND))
     stain = _stain_mask(lab, params)
-    white_cells = find_white_cells(stain, params) if params.finder == "lab" else find_white_cells_adaptive(image, params)
+    white_cells = find_white_cells(stain, params) if params.finder == "lab" else locate_white_cells(image, params)
     cell_boxes = [cell.box for cell in white_cells]
     platelets = find_platelets(stain, cell_boxes, params)
     rbc_centers = find_red_cells(lab, stain, cell_boxes, params)
@@ -248,27 +251,13 @@ def locate_white_cells(image: np.ndarray, params: FieldParams | None = None) -> 
     """
     params = params or FieldParams()
     if params.finder == "adaptive":
-        return find_white_cells_adaptive(image, params)
+        return [
+            WhiteCell(box=Box(*nucleus.box, "wbc"), nucleus_area=round(nucleus.area))
+            for nucleus in find_nuclei(image, params.rbc_diameter, params.nuclei)
+        ]
     if params.rbc_diameter is None:
         params = replace(params, rbc_diameter=estimate_rbc_diameter(image) or _FALLBACK_RBC_DIAMETER)
     return find_white_cells(_stain_mask(_rgb_to_lab(image), params), params)
-
-
-def find_white_cells_adaptive(image: np.ndarray, params: FieldParams | None = None) -> list[WhiteCell]:
-    """White cells of any lab's field (:func:`hematovision.segment.nuclei.find_nuclei`).
-
-    Args:
-        image: (H, W, 3) uint8 RGB field.
-        params: tuning; ``rbc_diameter=None`` measures the diameter in this field.
-
-    Returns:
-        One :class:`WhiteCell` per nucleus (lobes joined), box = the estimated cell box.
-    """
-    params = params or FieldParams()
-    return [
-        WhiteCell(box=Box(*nucleus.box, "wbc"), nucleus_area=round(nucleus.area))
-        for nucleus in find_nuclei(image, params.rbc_diameter, params.nuclei)
-    ]
 
 
 def find_white_cells(stain: np.ndarray, params: FieldParams) -> list[WhiteCell]:

@@ -18,9 +18,12 @@ nuclei (Raabin-WBC), nuclei are missed. This finder measures what it needs from 
    is Otsu's, per image, over the upper half of the scores, so it falls between this image's red
    cells and its nuclei rather than at a number fitted to one lab.
 4. **One cell per nucleus.** A closing of 0.2 red-cell diameters joins the lobes of a segmented
-   nucleus; components with at least 0.15 diameter² of stain are white cells (platelets are
-   smaller).
-5. **The cell box** grows each side of the nucleus box by a power law fitted on the tuning frames
+   nucleus; components with at least 0.15 diameter² of stain (platelets are smaller) and at most
+   3 diameters long are candidates.
+5. **Standing out.** Otsu splits even a field without a white cell; a candidate is kept only if
+   it is much bluer-and-darker, or much darker, than the image's other cells, and only if the
+   "stained" pixels are a minority of the cells.
+6. **The cell box** grows each side of the nucleus box by a power law fitted on the tuning frames
    (``box = 1.55 d (nucleus / d)^0.64``): a small nucleus sits in a relatively wide cytoplasm (a
    neutrophil's lobes), a large round one nearly fills its cell (a lymphocyte).
 
@@ -37,9 +40,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 # The granulometric median radius of real (oval, touching, pale-centred) red cells is 0.84 of
-# half their box size; measured on the tuning frames of bcd, BCCD and raabin (5th-95th percentile
-# of the ratio 0.72-0.91 in each).
+# half their box size; measured on the tuning frames of bcd, BCCD and raabin (5th-95th percentiles
+# of the ratio 0.72-1.08).
 _GRANULOMETRY_BIAS = 0.84
+# Optical density that is surely not background (JPEG noise on a bright background is ~0.01).
+_BACKGROUND_NOISE = 0.03
 
 
 @dataclass(frozen=True)
@@ -50,20 +55,25 @@ class FinderParams:
         work_size: the longer image side the finder works at (speed; sizes are rescaled back).
         lobe_gap: closing radius that joins the lobes of one nucleus, × diameter.
         min_area: smallest stained area of a white cell's nucleus, × diameter².
+        max_size: longest side of a nucleus box, × diameter (the largest nuclei measure ~2.5).
         opening: opening radius that removes thin stained rims (chromatic fringes of red cells), × diameter.
         min_threshold: lowest stain-score threshold, for images with almost no stain.
-        min_contrast: how far a nucleus must stand out from the image's other cells: the geometric
-            mean of its median stain score over the others' 95th percentile and its median optical
-            density over theirs.
+        max_stained_share: above this share of the cells' pixels stained, nothing stands out (no nucleus).
+        min_score_contrast: a nucleus's median stain score is at least this many times the 95th
+            percentile of the other cells' (red cells') scores ...
+        min_density_contrast: ... or its median optical density this many times theirs.
         box_scale, box_power: cell box side = box_scale · d · (nucleus side / d) ** box_power.
     """
 
     work_size: int = 320
     lobe_gap: float = 0.2
     min_area: float = 0.15
+    max_size: float = 3.0
     opening: float = 0.03
     min_threshold: float = 4.0
-    min_contrast: float = 0.0
+    max_stained_share: float = 0.5
+    min_score_contrast: float = 2.3
+    min_density_contrast: float = 1.65
     box_scale: float = 1.55
     box_power: float = 0.64
 
@@ -98,18 +108,22 @@ def white_point(image: np.ndarray) -> np.ndarray:
     return np.maximum(np.median(bright, axis=0), 1.0)
 
 
-def neutralize_tint(image: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:
-    """Make the background grey at its own brightness (a white balance on the background).
+def neutralize_tint(
+    image: np.ndarray, white: np.ndarray | None = None, target: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> np.ndarray:
+    """Give the background a chosen hue at its own brightness (a white balance on the background).
 
     Args:
         image: (H, W, 3) uint8 RGB.
         white: its background colour (default :func:`white_point`).
+        target: the background's RGB relative to its mean (default grey; e.g. the slightly warm
+            background of the frames a fixed colour threshold was tuned on).
 
     Returns:
-        (H, W, 3) uint8 RGB with the background's tint removed.
+        (H, W, 3) uint8 RGB with the background's tint replaced.
     """
     white = white_point(image) if white is None else white
-    gain = white.mean() / white
+    gain = np.asarray(target, dtype=np.float64) * white.mean() / white
     return np.clip(np.asarray(image, dtype=np.float64) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -144,10 +158,12 @@ def estimate_rbc_diameter(image: np.ndarray, work_size: int = 256) -> float | No
     Returns:
         The diameter in the image's pixels, or ``None`` when the image shows no cell-like foreground.
     """
+
     small, factor = _downscale(np.asarray(image), work_size)
     if min(small.shape[:2]) < 8:
         return None
-    foreground = _cell_foreground(_density(small, white_point(small)))
+    white = white_point(small)
+    foreground = _cell_foreground(_density(_fill_with_background(small, white), white))
     if foreground is None:
         return None
     foreground = ndi.binary_closing(foreground, structure=_disc(1))
@@ -190,6 +206,7 @@ def find_nuclei(image: np.ndarray, rbc_diameter: float | None = None, params: Fi
         return []
     d = rbc_diameter * factor  # diameter in work pixels
     white = white_point(small)
+    small = _fill_with_background(small, white)
     score = stain_score(small, white)
     upper = score[score > np.median(score)]
     if upper.size < 10 or float(upper.max() - upper.min()) < 1e-3:
@@ -203,21 +220,28 @@ def find_nuclei(image: np.ndarray, rbc_diameter: float | None = None, params: Fi
     areas = np.bincount(components.ravel(), weights=stain.ravel().astype(np.float64), minlength=count + 1)
     density = _density(small, white)
     cells = _cell_foreground(density)
-    reference = (cells & ~stain) if cells is not None else ~stain
+    if cells is None or stain.sum() > params.max_stained_share * cells.sum():
+        # Most of the cells are "stained": the threshold split background from all cells (a
+        # sparse field of bluish red cells), not red cells from a minority of nuclei.
+        return []
+    reference = cells & ~stain  # the other cells (mostly red cells): what a nucleus must stand out from
     if not reference.any():
         return []
-    # The rest of the cells (mostly red cells): what a nucleus must stand out from.
     score_ref = max(float(np.percentile(score[reference], 95)), 1e-6)
     density_ref = max(float(np.median(density[reference])), 1e-6)
     found = []
     for index, slices in enumerate(ndi.find_objects(components), start=1):
         if slices is None or areas[index] < params.min_area * d * d:
             continue
-        mask = (components[slices] == index) & stain[slices]
-        contrast = np.sqrt(np.median(score[slices][mask]) / score_ref * np.median(density[slices][mask]) / density_ref)
-        if contrast < params.min_contrast:
-            continue
         rows, cols = slices
+        if max(rows.stop - rows.start, cols.stop - cols.start) > params.max_size * d:
+            continue  # not one nucleus: stained rims of many red cells joined
+        mask = (components[slices] == index) & stain[slices]
+        # A nucleus stands out from the red cells by stain (blue and dark) or by darkness alone;
+        # a red cell's bluish rim in a field without white cells does neither.
+        if (np.median(score[slices][mask]) < params.min_score_contrast * score_ref
+                and np.median(density[slices][mask]) < params.min_density_contrast * density_ref):
+            continue
         nucleus = (cols.start / factor, rows.start / factor, cols.stop / factor, rows.stop / factor)
         found.append(Nucleus(
             box=_cell_box(nucleus, rbc_diameter, params, width, height),
@@ -238,6 +262,16 @@ def _cell_box(
     return max(0.0, cx - half_w), max(0.0, cy - half_h), min(float(width), cx + half_w), min(float(height), cy + half_h)
 
 
+def _fill_with_background(pixels: np.ndarray, white: np.ndarray) -> np.ndarray:
+    """Paint near-black pixels (a rotated frame's constant fill, a vignette) in the background colour.
+
+    No stained cell is that dark in every channel (a nucleus keeps its blue), and left black they
+    would count as the densest "cells" of the image.
+    """
+    fill = pixels.max(axis=2) < 0.2 * float(white.mean())
+    return np.where(fill[..., None], white, pixels) if fill.any() else pixels
+
+
 def _density(pixels: np.ndarray, white: np.ndarray) -> np.ndarray:
     """Optical-density norm relative to the background colour (0 on background)."""
     return np.sqrt((np.clip(-np.log10((pixels + 1.0) / (white + 1.0)), 0.0, None) ** 2).sum(axis=2))
@@ -247,8 +281,12 @@ def _cell_foreground(density: np.ndarray) -> np.ndarray | None:
     """Cells (red and white) vs background by Otsu on the optical density, or ``None`` if flat."""
     from skimage.filters import threshold_otsu
 
-    # Clip the darkest 15 % (nuclei) so that Otsu separates background from red cells.
-    clipped = np.minimum(density, np.percentile(density, 85))
+    # Clip the darkest 15 % (nuclei) so that Otsu separates background from red cells; in a sparse
+    # field that percentile is background, so never clip below the cells' median.
+    cells = density[density > _BACKGROUND_NOISE]
+    if cells.size < 50:
+        return None
+    clipped = np.minimum(density, max(float(np.percentile(density, 85)), float(np.median(cells))))
     if float(clipped.max() - clipped.min()) < 0.02:
         return None
     return density > threshold_otsu(clipped)
