@@ -1,4 +1,8 @@
-"""``hematovision train``: a classifier run folder (frozen features + head, or fine-tuning)."""
+"""``hematovision train``: a classifier run folder (frozen features + head, or fine-tuning).
+
+Under ``torchrun --nproc_per_node N -m hematovision train ...`` the fine-tune is data-parallel
+(:mod:`hematovision.train.distributed`); rank 0 prints and writes, the other ranks stay silent.
+"""
 
 from __future__ import annotations
 
@@ -46,11 +50,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="scale normalisation: crop or pad every image around its white cell so the cell spans "
                              "this fraction of the input, whatever the magnification (0.38 is PBC's median, so PBC "
                              "images change little); stored in the model card, so prediction does the same")
-    fit = train.add_argument_group("fine-tuning")
+    fit = train.add_argument_group(
+        "fine-tuning", "data-parallel under torchrun: torchrun --nproc_per_node N -m hematovision train --mode finetune "
+                       "... (gloo on CPU, nccl on GPU; rank 0 writes the run folder)")
     fit.add_argument("--epochs", type=int, default=10)
-    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--batch-size", type=int, default=32,
+                     help="images per optimizer step; under torchrun the global batch, split across the processes "
+                          "(32 with 4 processes: 8 each), so results match one process")
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--balance", choices=["loss", "sampler", "none"], default="loss")
+    fit.add_argument("--no-augment", action="store_true",
+                     help="no random crops, flips or colour jitter on training images")
     fit.add_argument("--strong-augment", action="store_true",
                      help="also zoom out, blur, lower resolution and shift stains: for images from other labs and scanners")
     fit.add_argument("--patience", type=int, default=4)
@@ -73,6 +83,8 @@ def _fraction(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Train, then print the headline metrics and where the report is."""
+    from hematovision.errors import HematoVisionError
+    from hematovision.train import distributed
     from hematovision.train.finetune import FinetuneConfig
     from hematovision.train.pipeline import TrainConfig, run_training
 
@@ -85,10 +97,24 @@ def run(args: argparse.Namespace) -> int:
         head=args.head, tta=args.tta, resume=args.resume, stain_norm=args.stain_norm,
         augment_copies=args.augment_copies, augment_strength=args.augment_strength, cell_scale=args.cell_scale,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
-                                strong_augment=args.strong_augment, patience=args.patience, seed=args.seed,
-                                max_steps_per_epoch=args.max_steps_per_epoch),
+                                augment=not args.no_augment, strong_augment=args.strong_augment,
+                                patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),
     )
-    metrics = run_training(config)
+    with distributed.session() as world:
+        try:
+            metrics = run_training(config)
+        # Every rank meets the same data errors and stops at the same step; rank 0 alone says so
+        # (main() prints its one line), the others just exit with the same code.
+        except KeyboardInterrupt:
+            if world.is_main:
+                raise
+            return 130
+        except HematoVisionError:
+            if world.is_main:
+                raise
+            return 2
+    if not world.is_main:
+        return 0
     print(summary_line(f"{metrics['split']} split", metrics))
     print(f"report: {args.out / 'report.md'}")
     return 0

@@ -3,6 +3,9 @@ validation, early stopping and resumable, atomic checkpoints around it.
 
 Images are decoded once and kept in memory at the model's input size; each epoch draws
 augmented views from them. On two CPU cores that keeps the loop compute-bound.
+
+Under ``torchrun`` the same function trains data-parallel: see :mod:`hematovision.train.distributed`
+for how the global batch is split and why the result equals one process's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from hematovision.data.transforms import Preprocessing, TrainTransform, normalize
 from hematovision.run import LAST_FILE, MODEL_FILE, STATE_FILE, load_weights, save_weights
+from hematovision.train import distributed
 from hematovision.train.checkpoint import load_state, save_state
 from hematovision.train.loop import Batch, evaluate, predict, train_one_epoch
 from hematovision.train.optim import make_loss, make_optimizer, warmup_cosine_schedule
@@ -37,7 +41,7 @@ class FinetuneConfig:
 
     Attributes:
         epochs: maximum number of epochs.
-        batch_size: images per step.
+        batch_size: images per step; under torchrun the global batch, split across the processes.
         lr: peak learning rate (after a one-epoch linear warm-up, cosine decay to 1% of it).
         weight_decay: decoupled weight decay (AdamW; L2 for the other optimizers).
         optimizer: ``adamw``, ``adam``, ``rmsprop`` (torch's defaults) or ``sgd`` (Nesterov momentum 0.9).
@@ -104,22 +108,26 @@ def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, ba
 
 
 def _training_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int,
-                      prep: Preprocessing, augment: TrainTransform | None, rng: np.random.Generator) -> Iterator[Batch]:
-    # Augmentation draws from ``rng`` batch by batch, as the loop consumes them.
+                      prep: Preprocessing, augment: TrainTransform | None, rng: np.random.Generator,
+                      world: distributed.World = distributed.SINGLE) -> Iterator[Batch]:
+    # Augmentation draws from ``rng`` batch by batch, as the loop consumes them. A distributed rank
+    # walks the same global batches as every other rank and keeps its own slice of each.
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        if augment is not None:
+        world.raise_if_interrupted()
+        index = world.shard(order[start : start + batch_size])
+        if augment is not None and len(index):
             inputs = torch.stack([augment(images[i], rng) for i in index])
         else:
             inputs = normalize(images[index], prep)
-        yield inputs.contiguous(memory_format=torch.channels_last), torch.as_tensor(labels[index])
+        inputs = inputs.contiguous(memory_format=torch.channels_last).to(world.device)
+        yield inputs, torch.as_tensor(labels[index]).to(world.device)
 
 
 def _labelled_batches(images: np.ndarray, labels: np.ndarray, prep: Preprocessing,
-                      batch_size: int = 64) -> Iterator[Batch]:
+                      batch_size: int = 64, device: torch.device | str = "cpu") -> Iterator[Batch]:
     for start in range(0, len(images), batch_size):
         inputs = normalize(images[start : start + batch_size], prep).contiguous(memory_format=torch.channels_last)
-        yield inputs, torch.as_tensor(labels[start : start + batch_size])
+        yield inputs.to(device), torch.as_tensor(labels[start : start + batch_size]).to(device)
 
 
 def finetune(
@@ -140,6 +148,10 @@ def finetune(
     (what ``resume`` continues from) and ``model.safetensors`` (the best epoch so far),
     all written atomically. Ctrl-C therefore loses at most the epoch in progress.
 
+    Under torchrun (:func:`hematovision.train.distributed.init_from_env` called first) every rank
+    calls this with the same arguments; rank 0 validates and writes, and only rank 0's returned
+    model is the best one (the others return their last weights).
+
     Args:
         model: any ``nn.Module`` mapping normalised (N, 3, S, S) inputs to logits.
         prep: preprocessing of the model (size, mean, std).
@@ -152,11 +164,16 @@ def finetune(
         run_dir: folder for checkpoints.
         resume: continue from ``run_dir/train_state.pt`` if it exists.
     """
+    world = distributed.world()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = model.to(memory_format=torch.channels_last)
+    # ``rng`` orders the batches, identically on every rank; augmentation and dropout draw from
+    # per-rank streams (one process: the same ``rng`` and torch seed as always).
+    augment_rng = _seed_rank_streams(config.seed, world) if world.distributed else rng
+    model = model.to(world.device, memory_format=torch.channels_last)
     augment = TrainTransform(prep, color_jitter=config.color_jitter, strong=config.strong_augment) if config.augment else None
 
     counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
@@ -181,6 +198,7 @@ def finetune(
         raise ValueError(f"unknown loss {config.loss!r} ({', '.join(FINETUNE_LOSSES)})")
     loss_fn = make_loss(FINETUNE_LOSSES[config.loss], class_weight=class_weight,
                         label_smoothing=config.label_smoothing)
+    loss_fn = distributed.global_batch_loss(loss_fn, class_weight, world)
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch, stale = 0, -1.0, -1, 0
@@ -192,10 +210,13 @@ def finetune(
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if world.distributed:
+            augment_rng = _restore_rank_streams(state, config.seed, world, augment_rng)
         history, start_epoch = state["history"], state["epoch"] + 1
         best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
         log.info("resuming after epoch %d (best so far: epoch %d)", start_epoch, best_epoch + 1)
 
+    trained_model = world.wrap(model)  # DDP in a distributed run (same parameters as ``model``)
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         if stale >= config.patience:
@@ -204,13 +225,20 @@ def finetune(
             order = rng.choice(len(train_images), size=steps_per_epoch * config.batch_size, p=sample_prob)
         else:
             order = rng.permutation(len(train_images))[: steps_per_epoch * config.batch_size]
-        batches = _training_batches(train_images, train_labels, order, config.batch_size, prep, augment, rng)
+        batches = _training_batches(train_images, train_labels, order, config.batch_size, prep, augment,
+                                    augment_rng, world)
         try:
-            trained = train_one_epoch(model, batches, loss_fn, optimizer, scheduler,
-                                      desc=f"epoch {epoch + 1}/{config.epochs}", steps=steps_per_epoch)
+            trained = train_one_epoch(trained_model, batches, loss_fn, optimizer, scheduler,
+                                      desc=f"epoch {epoch + 1}/{config.epochs}" if world.is_main else None,
+                                      steps=steps_per_epoch)
         except FloatingPointError as error:
             raise FloatingPointError(f"{error} at epoch {epoch + 1}; lower --lr") from None
-        val = evaluate(model, _labelled_batches(val_images, val_labels, prep))
+        if world.distributed:  # the epoch's mean loss over every rank's images
+            total, seen = world.sum(trained["loss"] * trained["samples"], trained["samples"])
+            trained["loss"] = total / max(seen, 1)
+        # Rank 0 validates the whole split exactly as one process would; the others follow its result.
+        val = world.broadcast(evaluate(model, _labelled_batches(val_images, val_labels, prep, device=world.device))
+                              if world.is_main else None)
         row = {
             "epoch": epoch + 1,
             "train_loss": trained["loss"],
@@ -224,18 +252,49 @@ def finetune(
                  row["epoch"], row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"])
         # Balanced accuracy first, ties broken by the lower validation loss; an exact tie keeps the earlier epoch.
         score = row["val_balanced_accuracy"] - 1e-3 * row["val_loss"]
-        if score > best_score:
+        improved = score > best_score
+        if improved:
             best_score, best_epoch, stale = score, epoch, 0
-            save_weights(model, run_dir / MODEL_FILE)
         else:
             stale += 1
+        rank_streams = world.gather(_rank_stream_state(augment_rng)) if world.distributed else None
+        if not world.is_main:
+            continue
+        if improved:
+            save_weights(model, run_dir / MODEL_FILE)
         save_weights(model, run_dir / LAST_FILE)
         save_state(state_path, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "best_score": best_score,
             "best_epoch": best_epoch, "stale": stale, "config": config.to_dict(),
+            **({"rank_rngs": rank_streams} if rank_streams else {}),
         })
     seconds = time.perf_counter() - started
-    if (run_dir / MODEL_FILE).exists():
+    if world.is_main and (run_dir / MODEL_FILE).exists():
         load_weights(model, run_dir / MODEL_FILE)
-    return TrainResult(model.eval(), best_epoch + 1, history, seconds)
+    return TrainResult(model.cpu().eval(), best_epoch + 1, history, seconds)
+
+
+def _seed_rank_streams(seed: int, world: distributed.World) -> np.random.Generator:
+    """A distributed rank's own augmentation generator and torch seed (rank 0 keeps ``seed`` for torch)."""
+    if world.rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
+    return np.random.default_rng([seed, world.rank])
+
+
+def _rank_stream_state(augment_rng: np.random.Generator) -> dict:
+    return {"augment": augment_rng.bit_generator.state, "torch": torch.get_rng_state()}
+
+
+def _restore_rank_streams(state: dict, seed: int, world: distributed.World,
+                          augment_rng: np.random.Generator) -> np.random.Generator:
+    """Each rank's saved augmentation and torch streams, when the run had this many ranks."""
+    streams = state.get("rank_rngs")
+    if not streams or len(streams) != world.size:
+        if world.is_main:
+            log.warning("resuming with %d processes (saved: %s): augmentation streams restart from the seed",
+                        world.size, len(streams) if streams else 1)
+        return _seed_rank_streams(seed, world)
+    augment_rng.bit_generator.state = streams[world.rank]["augment"]
+    torch.set_rng_state(streams[world.rank]["torch"])
+    return augment_rng

@@ -109,8 +109,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], views: int = 1) -> dict
     model.eval()
     outputs, targets = [], []
     for inputs, target in batches:
-        outputs.append(dihedral_mean(model, inputs, views).float())
-        targets.append(target)
+        outputs.append(dihedral_mean(model, inputs, views).float().cpu())  # a no-op on the CPU
+        targets.append(target.cpu())
     logits, labels = torch.cat(outputs), torch.cat(targets)
     predicted = logits.argmax(dim=1).numpy()
     return {

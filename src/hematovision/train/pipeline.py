@@ -46,6 +46,7 @@ from hematovision.run import (
     save_weights,
     write_card,
 )
+from hematovision.train import distributed
 from hematovision.train.augment import augmented_copy_features, copies_record, fit_training_stain
 from hematovision.train.features import FeatureExtractor
 from hematovision.train.finetune import FinetuneConfig, finetune, predict_logits
@@ -213,12 +214,17 @@ def run_training(config: TrainConfig) -> dict:
 
     ``split.csv``, ``train_config.json``, ``model.safetensors``, ``model_card.json``,
     ``metrics.json`` + ``report.md`` + plots (test split, or validation when there is none), ``val/``.
+
+    Under torchrun every rank runs this: all of them read the data and fine-tune together; rank 0
+    alone writes the run folder and returns the metrics, the others return ``{}`` after training.
     """
     from hematovision.evaluate.report import write_evaluation
 
     started = time.perf_counter()
+    world = distributed.world()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if config.mode not in ("frozen", "finetune"):
         raise ValueError(f"mode must be frozen or finetune, not {config.mode!r}")
     if config.mode == "finetune" and "+" in config.backbone:
@@ -229,6 +235,8 @@ def run_training(config: TrainConfig) -> dict:
         raise DatasetError("--augment-copies and --augment-strength must be 0 or more")
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
+    if config.mode == "frozen" and world.distributed:
+        raise DatasetError("torchrun is for --mode finetune; a frozen run extracts features in one process")
     if config.mode == "frozen":
         _, mean, std = frozen_input_spec(config.backbone)
         weights = "; ".join(filter(None, (get_model_info(n).weights for n in backbone_names(config.backbone))))
@@ -236,8 +244,9 @@ def run_training(config: TrainConfig) -> dict:
         info = get_model_info(config.backbone)
         mean, std, weights = info.mean, info.std, info.weights
     samples, splits, groups, digests = resolve_splits(config)
-    write_split_csv(out / SPLIT_FILE, samples, splits, groups)
-    write_json(out / CONFIG_FILE, _config_dict(config))
+    if world.is_main:
+        write_split_csv(out / SPLIT_FILE, samples, splits, groups)
+        write_json(out / CONFIG_FILE, _config_dict(config))
 
     class_names = sorted({sample.label for sample, split in zip(samples, splits) if split == "train"})
     if len(class_names) < 2:
@@ -252,7 +261,7 @@ def run_training(config: TrainConfig) -> dict:
         chosen = [s for s, split in zip(samples, splits) if split == part and s.label in class_names]
         parts[part] = load_images(chosen, prep, desc=f"loading {part}")
     failures = [(str(p), reason) for loaded in parts.values() for p, reason in loaded.failures]
-    if failures:
+    if failures and world.is_main:
         write_json(out / UNREADABLE_FILE, failures)
         log.warning("%d unreadable file(s) skipped; listed in %s", len(failures), out / UNREADABLE_FILE)
     for part in ("train", "val"):
@@ -304,8 +313,11 @@ def run_training(config: TrainConfig) -> dict:
         model = create_model(config.backbone, num_classes=len(class_names), pretrained=config.pretrained)
         result = finetune(model, prep, parts["train"].images, y["train"], parts["val"].images, y["val"],
                           len(class_names), config.finetune, out, resume=config.resume)
+        if not world.is_main:
+            return {}
         model, history = result.model, result.history
-        card.finetune = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds}
+        card.finetune = {**config.finetune.to_dict(), "best_epoch": result.best_epoch, "seconds": result.seconds,
+                         **({"processes": world.size} if world.distributed else {})}
         logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
                   for part, loaded in parts.items() if len(loaded.samples)}
 
