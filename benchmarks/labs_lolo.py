@@ -32,6 +32,10 @@ RECIPES: dict[str, dict] = {
     "scale": {"cell_scale": 0.38},
     "scale_stain": {"cell_scale": 0.38, "stain_norm": "reinhard"},
     "scale_augment": {"cell_scale": 0.38, "augment_copies": 2},
+    # Fine-tuned end to end at 128 px with stain/optics/zoom augmentation: what the hidden labs
+    # rewarded most for a PBC-only model (issue 12), here on every other lab.
+    "finetune_strong": {"mode": "finetune", "image_size": 128, "cell_scale": 0.38, "stain_norm": "reinhard",
+                        "finetune": {"epochs": 10, "strong_augment": True, "patience": 4}},
 }
 METRICS = ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "ece")
 
@@ -39,6 +43,7 @@ METRICS = ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "ece")
 def zero_shot(out: Path, recipe: str, held_out: str, root: Path) -> dict:
     """Train on the other labs with ``recipe`` and evaluate on ``held_out``; the cell's result."""
     from hematovision.evaluate.external import evaluate_folder
+    from hematovision.train.finetune import FinetuneConfig
     from hematovision.train.pipeline import TrainConfig, run_training
 
     cell = out / recipe / f"{held_out}.json"
@@ -48,7 +53,10 @@ def zero_shot(out: Path, recipe: str, held_out: str, root: Path) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     started = time.perf_counter()
     sources = [root / LABS[lab] for lab in LABS if lab != held_out]
-    in_lab = run_training(TrainConfig(out=run, data=sources, classes=list(WBC5), seed=0, **RECIPES[recipe]))
+    settings = dict(RECIPES[recipe])
+    if "finetune" in settings:
+        settings["finetune"] = FinetuneConfig(**settings["finetune"])
+    in_lab = run_training(TrainConfig(out=run, data=sources, classes=list(WBC5), seed=0, **settings))
     metrics = evaluate_folder(run, root / LABS[held_out], run / f"eval_{held_out}")
     result = {"recipe": recipe, "held_out": held_out, "train_labs": [lab for lab in LABS if lab != held_out],
               "in_lab_test": {k: in_lab[k] for k in METRICS},
@@ -57,6 +65,103 @@ def zero_shot(out: Path, recipe: str, held_out: str, root: Path) -> dict:
     cell.parent.mkdir(parents=True, exist_ok=True)
     cell.write_text(json.dumps(result, indent=2))
     return result
+
+
+def split_lab(root: Path, held_out: str, k: int, seed: int, folder: Path) -> tuple[Path, Path]:
+    """Symlink k seeded cells per class of the held-out lab into ``folder/k_cells`` and the rest into
+    ``folder/rest`` (class folders). A class with k or fewer cells gives half of them."""
+    import numpy as np
+
+    from hematovision.data.sources import scan_labelled
+
+    samples = [s for s in scan_labelled(root / LABS[held_out]).samples if s.label in WBC5]
+    rng = np.random.default_rng(seed)
+    shutil.rmtree(folder, ignore_errors=True)
+    for label in sorted({s.label for s in samples}):
+        cells = [s for s in samples if s.label == label]
+        order = rng.permutation(len(cells))
+        take = min(k, len(cells) // 2) if len(cells) <= k else k
+        for rank, index in enumerate(order):
+            part = "k_cells" if rank < take else "rest"
+            target = folder / part / label / f"{index:05d}_{cells[index].path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(cells[index].path.resolve())
+    return folder / "k_cells", folder / "rest"
+
+
+def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: int) -> dict:
+    """Adapt the run trained without ``held_out`` on k of its cells per class; score the rest."""
+    from hematovision.adapt.command import adapt_run
+    from hematovision.evaluate.external import evaluate_folder
+
+    cell = out / recipe / "few_shot" / f"{held_out}_k{k}_seed{seed}.json"
+    if cell.is_file():
+        return json.loads(cell.read_text())
+    run = out / recipe / f"without_{held_out}"
+    work = out / recipe / "few_shot" / f"{held_out}_k{k}_seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    k_cells, rest = split_lab(root, held_out, k, seed, work / "cells")
+    started = time.perf_counter()
+    adapt_run(run, work / "adapted", data=k_cells, seed=seed)
+    metrics = evaluate_folder(work / "adapted", rest, work / "eval")
+    result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed,
+              "rest": {key: metrics[key] for key in METRICS}, "review": metrics.get("review"),
+              "seconds": time.perf_counter() - started}
+    cell.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(work / "adapted", ignore_errors=True)  # weights: large and not needed again
+    return result
+
+
+def write_curves(out: Path) -> Path | None:
+    """Few-shot table (mean ± std over seeds) and plot, from every finished few-shot cell."""
+    import numpy as np
+
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/few_shot/*.json"))]
+    if not rows:
+        return None
+    zero = {(r["recipe"], r["held_out"]): r for r in (json.loads(p.read_text()) for p in out.glob("*/*.json"))}
+    groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for row in rows:
+        groups.setdefault((row["recipe"], row["held_out"]), {}).setdefault(row["k"], []).append(row)
+    lines = ["| recipe | held-out lab | k per class | seeds | balanced acc. (rest of lab) | accuracy | macro-F1 | "
+             "% flagged | accuracy of unflagged |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (recipe, held_out), by_k in sorted(groups.items()):
+        ks, means, stds = [], [], []
+        if (recipe, held_out) in zero:
+            ks.append(0)
+            means.append(zero[(recipe, held_out)]["held_out_lab"]["balanced_accuracy"])
+            stds.append(0.0)
+        for k, cells in sorted(by_k.items()):
+            bal = np.array([c["rest"]["balanced_accuracy"] for c in cells])
+            acc = np.array([c["rest"]["accuracy"] for c in cells])
+            f1 = np.array([c["rest"]["macro_f1"] for c in cells])
+            reviews = [c["review"] for c in cells if c.get("review")]
+            flagged = f"{100 * np.mean([r['flagged_fraction'] for r in reviews]):.0f}" if reviews else "—"
+            kept = [r["unflagged_accuracy"] for r in reviews if r["unflagged_accuracy"] is not None]
+            kept_accuracy = f"{np.mean(kept):.3f}" if kept else "—"
+            lines.append(f"| {recipe} | {held_out} | {k} | {len(cells)} | {bal.mean():.3f} ± {bal.std():.3f} | "
+                         f"{acc.mean():.3f} | {f1.mean():.3f} | {flagged} | {kept_accuracy} |")
+            ks.append(k)
+            means.append(float(bal.mean()))
+            stds.append(float(bal.std()))
+        axis.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"{held_out} ({recipe})")
+    axis.set_xlabel("labelled cells per class from the held-out lab (k)")
+    axis.set_ylabel("balanced accuracy on the rest of the lab")
+    axis.set_ylim(0, 1)
+    axis.axhline(0.92, color="grey", linestyle=":", linewidth=1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "few_shot.png", dpi=120)
+    plt.close(figure)
+    path = out / "few_shot.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_results(out: Path) -> Path:
@@ -79,6 +184,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), help="repeatable (default: all)")
     parser.add_argument("--held-out", action="append", choices=sorted(LABS), help="repeatable (default: all)")
+    parser.add_argument("--shots", type=int, nargs="*", default=[],
+                        help="few-shot curve: labelled cells per class of the held-out lab, e.g. 1 5 10 20")
+    parser.add_argument("--seeds", type=int, default=3, help="few-shot draws per k (default 3)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = shared_data_dir()
@@ -91,7 +199,13 @@ def main() -> None:
             print(f"{recipe:14} {held_out:6} bal.acc {held['balanced_accuracy']:.3f} acc {held['accuracy']:.3f} "
                   f"({result['seconds'] / 60:.1f} min)", flush=True)
             write_results(args.out)
-    print(f"table: {write_results(args.out)}")
+            for k in args.shots:
+                for seed in range(args.seeds):
+                    cell = few_shot(args.out, recipe, held_out, root, k, seed)
+                    print(f"{recipe:14} {held_out:6} k={k:<3} seed {seed}: bal.acc on the rest "
+                          f"{cell['rest']['balanced_accuracy']:.3f}", flush=True)
+                write_curves(args.out)
+    print(f"table: {write_results(args.out)}; few-shot: {write_curves(args.out)}")
 
 
 if __name__ == "__main__":

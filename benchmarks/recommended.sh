@@ -21,4 +21,7 @@ start=$(date +%s)
 .venv/bin/hematovision train --data "$data/pbc_dev" --data "$data/bccd_wbc_crops" --data "$data/wbc_seg_zheng/dataset1" \
     --classes basophil,eosinophil,lymphocyte,monocyte,neutrophil --mode frozen --cell-scale 0.38 --stain-norm reinhard \
     --seed 0 --out "$out"
+# The review policy (confidence and out-of-distribution thresholds, calibrated on the validation
+# split): `evaluate` reports what it flags, and `adapt` recalibrates it on a new lab's cells.
+.venv/bin/hematovision export "$out" --format none
 echo "recommended model in $out ($(( ($(date +%s) - start) / 60 )) min); report: $out/report.md"

@@ -14,27 +14,54 @@ from pathlib import Path
 import numpy as np
 
 from hematovision._io import atomic_write, write_json
-from hematovision.data.images import ImageLoadError, is_image_file, load_rgb
+from hematovision.data.images import ImageLoadError, display_path, is_image_file, load_rgb
+from hematovision.errors import HematoVisionError
 from hematovision.infer.predictor import Predictor
 from hematovision.infer.shift import LabShift
 from hematovision.run import METRICS_FILE
 
+OUTPUT_FORMATS = (".csv", ".json")
+
 
 @dataclass
 class PredictionRow:
-    """One file's prediction, or the reason it could not be read."""
+    """One file's prediction, or the reason it could not be read.
+
+    ``file`` is the path as :func:`~hematovision.data.images.display_path` shows it: a name that is
+    not valid UTF-8 has ``\\xNN`` escapes, so it can be written to CSV and JSON.
+    """
 
     file: str
     probabilities: np.ndarray | None = None
     error: str | None = None
 
 
+def check_output_path(out: str | Path) -> Path:
+    """Refuse an output file the predictions cannot be written to, before any work is done.
+
+    Raises:
+        HematoVisionError: the extension is not ``.csv`` or ``.json``, or ``out`` is a folder.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_FORMATS:
+        raise HematoVisionError(f"--out {display_path(out)}: unsupported output format {out.suffix or '(none)'!r}; "
+                                f"use one of {', '.join(OUTPUT_FORMATS)}")
+    if out.is_dir():
+        raise HematoVisionError(f"--out {display_path(out)} is a folder; give a file name ending in .csv or .json")
+    return out
+
+
 def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand folders (recursively, image extensions only) and keep files as given."""
+    """Expand folders (recursively, image extensions only) and keep files as given.
+
+    In folders, every entry with an image extension that is not itself a folder is kept, so a
+    FIFO, a socket or a dangling symbolic link becomes an unreadable row with its reason rather
+    than disappearing; such entries are never opened (see :func:`~hematovision.data.images.load_rgb`).
+    """
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found += sorted(p for p in path.rglob("*") if is_image_file(p) and not p.is_dir())
         else:
             found.append(path)
     return found
@@ -48,22 +75,19 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], batch_size: int =
     from tqdm.auto import tqdm
 
     predictor.reset_shift()
-    rows: list[PredictionRow] = []
+    rows = [PredictionRow(display_path(path)) for path in paths]  # in the order given
     for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch"):
-        chunk = paths[start : start + batch_size]
         images, readable = [], []
-        for path in chunk:
+        for row, path in zip(rows[start : start + batch_size], paths[start : start + batch_size]):
             try:
                 images.append(load_rgb(path))
-                readable.append(PredictionRow(str(path)))
+                readable.append(row)
             except ImageLoadError as error:
-                rows.append(PredictionRow(str(path), error=str(error)))
+                row.error = str(error)
         if images:
             for row, probs in zip(readable, predictor.predict(images, batch_size)):
                 row.probabilities = probs
-                rows.append(row)
-    order = {str(path): i for i, path in enumerate(paths)}
-    return sorted(rows, key=lambda row: order.get(row.file, 0))
+    return rows
 
 
 def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str], out: str | Path, top_k: int = 3,
@@ -99,7 +123,7 @@ def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str],
         columns += ["lab_shift_score", "lab_shift_threshold"]
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for record in records:

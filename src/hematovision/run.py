@@ -52,6 +52,12 @@ OOD_FILE = "ood.npz"
 CARD_FORMAT = 3
 MODES = ("frozen", "finetune")
 VIEWS = (1, 2, 4, 8)
+# Fitted temperatures lie in [0.05, 20] (evaluate.metrics.fit_temperature's bounds); far above that
+# every answer would be uniform, so a card saying so is damaged rather than calibrated.
+MAX_TEMPERATURE = 100.0
+# Far above any head the code builds (EfficientNet-Lite2 with all taps: a few thousand features), far
+# below sizes whose allocation fails: a card asking for more is damaged, not a bigger model.
+MAX_HEAD_SIZE = 1 << 20
 
 
 class RunFolderError(HematoVisionError):
@@ -172,18 +178,37 @@ class ModelCard:
             raise bad("backbone must name a model")
         if self.tta not in VIEWS or isinstance(self.tta, bool):
             raise bad(f"tta must be one of {VIEWS}, not {self.tta!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise bad(f"temperature must be a finite number above 0, not {self.temperature!r}")
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not math.isfinite(self.temperature) or not 0 < self.temperature <= MAX_TEMPERATURE):
+            shown = "NaN" if self.temperature != self.temperature else repr(self.temperature)  # not a bare "nan"
+            raise bad(f"temperature must be a number above 0 and at most {MAX_TEMPERATURE:g}, not {shown}")
         if self.mode == "frozen":
             head = self.frozen
             if head is None:
                 raise bad("a frozen run needs its 'frozen' section (taps, num_features, hidden)")
-            if not isinstance(head.taps, list) or not all(isinstance(t, int) for t in head.taps):
+            if not isinstance(head.taps, list) or not all(isinstance(t, int) and 0 <= t < 64 for t in head.taps):
                 raise bad("frozen.taps must be a list of stage numbers")
-            if not isinstance(head.num_features, int) or head.num_features < 1:
-                raise bad("frozen.num_features must be a positive integer")
-            if not isinstance(head.hidden, int) or head.hidden < 0:
-                raise bad("frozen.hidden must be 0 or a positive integer")
+            if not isinstance(head.num_features, int) or not 1 <= head.num_features <= MAX_HEAD_SIZE:
+                raise bad(f"frozen.num_features must be an integer from 1 to {MAX_HEAD_SIZE}")
+            if not isinstance(head.hidden, int) or not 0 <= head.hidden <= MAX_HEAD_SIZE:
+                raise bad(f"frozen.hidden must be an integer from 0 to {MAX_HEAD_SIZE}")
+            if not isinstance(head.head, dict):
+                raise bad("frozen.head must be a JSON object")
+        # The descriptive sections are read by other commands (adapt, serve's /api/v1/model, the
+        # lab-shift score): a wrong type there would fail later, far from the card.
+        for name in ("data", "metrics", "files"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(f"{name} must be a JSON object")
+        for name in ("finetune", "adaptation", "shift"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise bad(f"{name} must be a JSON object or absent")
+        if not all(isinstance(entry, dict) for entry in self.files.values()):
+            raise bad('files must map file names to {"sha256": ...}')
+        if not isinstance(self.pretrained, bool):
+            raise bad(f"pretrained must be true or false, not {self.pretrained!r}")
+        text_fields = ("weights", "split_file", "hematovision_version", "created", "torch", "platform")
+        if not all(isinstance(getattr(self, name), str) for name in text_fields):
+            raise bad(f"{', '.join(text_fields)} must be text")
         sha = self.weights_sha256
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
             raise bad(f"files.{MODEL_FILE}.sha256 is not a sha256 digest")
@@ -191,13 +216,16 @@ class ModelCard:
 
 def _preprocessing(data: Any) -> Preprocessing:
     try:
+        size = data["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool):  # not "32" or 32.5: a card is written by code
+            raise TypeError("image_size")
         prep = Preprocessing.from_dict(data)
         values = (*prep.mean, *prep.std)
         ok = (8 <= prep.image_size <= 4096 and len(prep.mean) == 3 and len(prep.std) == 3
               and all(math.isfinite(v) for v in values) and all(s > 0 for s in prep.std)
               and (prep.cell_scale is None or 0 < prep.cell_scale <= 1)
               and (prep.stain is None or isinstance(prep.stain, dict)))
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError):  # AttributeError: not an object
         ok = False
     if not ok:
         raise RunFolderError(f"{CARD_FILE}: preprocessing must give image_size (8-4096 px), mean and std "

@@ -297,3 +297,37 @@ def test_onnx_equals_the_predictor_with_the_cards_views(frozen_run: tuple[Path, 
     predictor = Predictor.from_run_dir(run_dir)  # the run's own views, as `predict` and `evaluate` use
     assert predictor.views == 2
     np.testing.assert_allclose(logits, predictor.logits(list(images)), atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_reports_what_the_review_policy_flags(finetune_run: tuple[Path, dict], one_thread: None,
+                                                        tmp_path: Path) -> None:
+    """``evaluate`` flags the run's test images by the exported rules, recomputed here from ONNX outputs;
+    a policy fitted for other weights is not used."""
+    import shutil
+
+    run_dir, _ = finetune_run
+    card, policy = _card(run_dir), json.loads((run_dir / "serving.json").read_text())
+    with np.load(run_dir / "ood.npz") as ood:
+        means, precision = ood["class_means"], ood["precision"]
+    test = _split(run_dir)["test"]
+    logits, features = _onnx(run_dir, _images(test))
+    probs = _softmax(logits, card["temperature"])
+    right = probs.argmax(1) == np.array([card["class_names"].index(label) for _, label in test])
+    flagged = (probs.max(1) < policy["confidence_threshold"]) | (
+        _mahalanobis(features, means, precision) > policy["ood_threshold"])
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", str(run_dir), "--split", "test", "--out", str(tmp_path / "eval")]) == 0
+    review = json.loads((tmp_path / "eval" / "metrics.json").read_text())["review"]
+    assert review["flagged_fraction"] == pytest.approx(flagged.mean())
+    assert review["n_unflagged"] == int((~flagged).sum())
+    if (~flagged).any():
+        assert review["unflagged_accuracy"] == pytest.approx(right[~flagged].mean())
+    assert "flagged for review" in (tmp_path / "eval" / "report.md").read_text()
+
+    stale = tmp_path / "stale_run"
+    shutil.copytree(run_dir, stale)
+    (stale / "serving.json").write_text(json.dumps({**policy, "source_sha256": "0" * 64}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", str(stale), "--split", "test", "--out", str(tmp_path / "eval_stale")]) == 0
+    assert json.loads((tmp_path / "eval_stale" / "metrics.json").read_text())["review"] is None

@@ -85,13 +85,13 @@ def test_server_scores_with_the_runs_views(frozen_tta2_run: Path, tmp_path: Path
     predictor = Predictor.from_run_dir(frozen_tta2_run)
     images = _cells()
     expected = predictor.predict(images)
-    settings = Settings(model=frozen_tta2_run, db=tmp_path / "hv.db", backend=backend, threads=1)
+    settings = Settings(model=frozen_tta2_run, db=tmp_path / "hv.db", backend=backend, threads=1, auth=False)
     files = []
     for index, image in enumerate(images):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         files.append(("files", (f"{index}.png", buffer.getvalue(), "image/png")))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         response = client.post("/api/v1/predict", files=files)
     assert response.status_code == 200, response.text
     results = response.json()["results"]

@@ -222,8 +222,8 @@ def test_the_app_answers_with_the_requests_score(tmp_path: Path) -> None:
 
     far = {"threshold": 1.5, "image_score_mean": 1.0, "batch": 32, "mean": [50.0] * 16, "std": [1.0] * 16}
     for shift, expected in ((far, True), (None, None)):
-        settings = Settings(db=tmp_path / f"{expected}.db")
-        with TestClient(create_app(settings, predictor=predictor(shift))) as client:
+        settings = Settings(db=tmp_path / f"{expected}.db", auth=False)  # the score, not the login, is tested
+        with TestClient(create_app(settings, predictor=predictor(shift)), base_url="http://localhost") as client:
             body = client.post("/api/v1/predict", files=[("files", png(0)), ("files", png(1))]).json()
         if expected is None:
             assert body["lab_shift"] is None  # old runs: the field is there, empty

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+from auth_helpers import authorize  # tests/serve is on sys.path (no __init__.py)
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -49,8 +50,8 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 @pytest.fixture()
 def client(tmp_path: Path) -> TestClient:
     settings = Settings(db=tmp_path / "hv.db", confidence_threshold=0.5)
-    with TestClient(create_app(settings, predictor=fake_predictor())) as test_client:
-        yield test_client
+    with TestClient(create_app(settings, predictor=fake_predictor()), base_url="http://localhost") as test_client:
+        yield authorize(test_client)  # user "tester", an admin, by API token
 
 
 def post_images(client: TestClient, images: list[tuple[str, bytes]], sample: str | None = None):
@@ -116,7 +117,7 @@ def test_review_confirm_correct_and_differential(client: TestClient) -> None:
     predicted = body["results"][0]["label"]
     other = next(c for c in WBC5 if c != body["results"][1]["label"])
     response = client.post(f"/api/v1/analyses/{body['analysis_id']}/review", json={
-        "reviewer": "dr. who",
+        "expected_version": 0,
         "labels": [{"prediction_id": ids[0], "label": predicted},  # confirm
                    {"prediction_id": ids[1], "label": other},  # correct
                    {"prediction_id": ids[2], "label": "excluded"}],  # not a white cell
@@ -127,7 +128,7 @@ def test_review_confirm_correct_and_differential(client: TestClient) -> None:
     by_id = {p["id"]: p for p in analysis["predictions"]}
     assert by_id[ids[1]]["reviewed_label"] == other and by_id[ids[1]]["final_label"] == other
     assert by_id[ids[1]]["label"] == body["results"][1]["label"]  # the model's answer is kept
-    assert by_id[ids[0]]["reviewer"] == "dr. who"
+    assert by_id[ids[0]]["reviewer"] == "tester"  # the logged-in user
     diff = analysis["differential"]
     assert diff["excluded"] == 1 and diff["total"] == 3
     expected = {c: 0 for c in WBC5}
@@ -138,7 +139,7 @@ def test_review_confirm_correct_and_differential(client: TestClient) -> None:
     assert sum(diff["percent"].values()) == pytest.approx(100.0)
     # Finish the review: the status follows.
     client.post(f"/api/v1/analyses/{body['analysis_id']}/review",
-                json={"labels": [{"prediction_id": ids[3], "label": WBC5[0]}]})
+                json={"labels": [{"prediction_id": ids[3], "label": WBC5[0]}], "expected_version": 1})
     assert client.get(f"/api/v1/analyses/{body['analysis_id']}").json()["review_status"] == "reviewed"
 
 
@@ -153,7 +154,8 @@ def test_history_search_paging_and_status(client: TestClient) -> None:
     assert client.get("/api/v1/analyses", params={"q": "cell_3"}).json()["items"][0]["id"] == 4
     assert client.get("/api/v1/analyses", params={"q": "%"}).json()["total"] == 0  # LIKE wildcards are literal
     pid = client.get("/api/v1/analyses/2").json()["predictions"][0]["id"]
-    client.post("/api/v1/analyses/2/review", json={"labels": [{"prediction_id": pid, "label": "monocyte"}]})
+    client.post("/api/v1/analyses/2/review", json={"labels": [{"prediction_id": pid, "label": "monocyte"}],
+                                                   "expected_version": 0})
     reviewed = client.get("/api/v1/analyses", params={"status": "reviewed"}).json()
     assert [a["id"] for a in reviewed["items"]] == [2]
     assert client.get("/api/v1/analyses", params={"status": "unreviewed"}).json()["total"] == 4
@@ -177,7 +179,9 @@ def test_stored_image_and_heatmap(client: TestClient) -> None:
     original = png_bytes(3, size=(500, 400))
     result = post_images(client, [("big.png", original)]).json()["results"][0]
     image = client.get(result["image_url"])
-    assert image.status_code == 200 and image.content == original and image.headers["content-type"] == "image/png"
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    # Stored re-encoded (uploads.reencode strips metadata and polyglots): the same pixels, not the same bytes.
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.content))), np.asarray(Image.open(io.BytesIO(original))))
     heatmap = client.get(result["heatmap_url"])
     assert heatmap.status_code == 200 and heatmap.headers["content-type"] == "image/png"
     shown = Image.open(io.BytesIO(heatmap.content))
@@ -211,7 +215,8 @@ def test_calibrated_policy_flags_out_of_distribution(tmp_path: Path) -> None:
     policy = ReviewPolicy(confidence_threshold=0.0, ood_threshold=1.0, class_means=np.full((1, features), 50.0,
                           dtype=np.float32), precision=np.eye(features, dtype=np.float32), calibrated=True)
     engine = Engine(predictor, policy=policy)
-    with TestClient(create_app(Settings(db=tmp_path / "hv.db"), engine=engine)) as client:
+    with TestClient(create_app(Settings(db=tmp_path / "hv.db"), engine=engine), base_url="http://localhost") as client:
+        authorize(client)
         result = post_images(client, [("a.png", png_bytes())]).json()["results"][0]
     assert result["needs_review"] and result["ood_score"] > 1.0
     assert len(result["review_reasons"]) == 1

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+from auth_helpers import authorize  # tests/serve is on sys.path (no __init__.py)
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -46,7 +47,9 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (40, 40)) -> bytes:
 
 def make_client(tmp_path: Path, **limits: object) -> TestClient:
     settings = Settings(db=tmp_path / "hv.db", **limits)  # type: ignore[arg-type]
-    return TestClient(create_app(settings, predictor=fake_predictor()), raise_server_exceptions=False)
+    client = TestClient(create_app(settings, predictor=fake_predictor()), raise_server_exceptions=False,
+                        base_url="http://localhost")
+    return authorize(client)  # an admin's API token on every request
 
 
 @pytest.fixture(scope="module")
@@ -328,19 +331,25 @@ def test_wrong_review_requests(shared_client: TestClient) -> None:
     second = post(shared_client, [image_part()]).json()
     url = f"/api/v1/analyses/{first['analysis_id']}/review"
     own = first["results"][0]["id"]
-    assert_clean_error(shared_client.post(url, json={"labels": []}), 422, "labels")
-    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "label": "x"}]}), 422, "x")
-    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "lable": "monocyte"}]}),
+    v0 = {"expected_version": 0}
+    assert_clean_error(shared_client.post(url, json={"labels": [], **v0}), 422, "labels")
+    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "label": "x"}], **v0}), 422, "x")
+    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "lable": "monocyte"}], **v0}),
                        422, "label")
     assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "label": "monocyte"}],
-                                                     "approve": True}), 422, "approve")
+                                                     "approve": True, **v0}), 422, "approve")
+    # Optimistic locking is required, and the reviewer is the logged-in user, never a typed name.
+    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "label": "monocyte"}]}),
+                       422, "expected_version")
+    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": own, "label": "monocyte"}],
+                                                     "reviewer": "Dr. Chief", **v0}), 422, "reviewer")
     foreign = second["results"][0]["id"]
-    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": foreign, "label": "monocyte"}]}),
-                       422, "not part of analysis")
+    assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": foreign, "label": "monocyte"}],
+                                                     **v0}), 422, "not part of analysis")
     assert_clean_error(shared_client.post(url, content=b"{not json", headers={"content-type": "application/json"}),
                        422)
     assert_clean_error(shared_client.post("/api/v1/analyses/999999/review",
-                                          json={"labels": [{"prediction_id": own, "label": "monocyte"}]}), 404)
+                                          json={"labels": [{"prediction_id": own, "label": "monocyte"}], **v0}), 404)
     # Nothing of the refused reviews was applied.
     assert shared_client.get(f"/api/v1/analyses/{first['analysis_id']}").json()["n_reviewed"] == 0
 
@@ -392,10 +401,15 @@ def test_concurrent_reviews_of_one_analysis(tmp_path: Path) -> None:
         barrier = threading.Barrier(8)
 
         def review(worker: int) -> None:
+            # Each worker reads the version and reviews from it, again after a 409, as a careful client does.
             barrier.wait()
             label = WBC5[worker % 5]
-            response = client.post(url, json={"reviewer": f"r{worker}",
-                                              "labels": [{"prediction_id": pid, "label": label} for pid in ids]})
+            for _ in range(50):
+                version = client.get(url.removesuffix("/review")).json()["version"]
+                response = client.post(url, json={"expected_version": version,
+                                                  "labels": [{"prediction_id": pid, "label": label} for pid in ids]})
+                if response.status_code != 409:
+                    break
             statuses.append(response.status_code)
 
         _run_in_threads(review, 8)

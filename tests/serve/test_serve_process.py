@@ -81,16 +81,22 @@ def test_serve_command_survives_kill_9_without_losing_commits(tiny_run: Path, tm
     command = [sys.executable, "-m", "hematovision", "serve", "--model", str(tiny_run), "--port", str(port),
                "--db", str(db), "--threads", "1", "--log-level", "warning"]
     base = f"http://127.0.0.1:{port}"
+    subprocess.run([sys.executable, "-m", "hematovision", "users", "add", "tech", "--role", "technologist", "--db",
+                    str(db), "--password-stdin"], input="process test password\n", text=True, check=True)
     server = start(command, port, log)
+    token = httpx.post(f"{base}/api/v1/auth/token", data={"username": "tech", "password": "process test password"},
+                       timeout=30).json()["access_token"]
+    api = httpx.Client(headers={"Authorization": f"Bearer {token}"})  # the token outlives the restart below
     try:
-        model = httpx.get(f"{base}/api/v1/model", timeout=30).json()
+        model = api.get(f"{base}/api/v1/model", timeout=30).json()
         assert model["class_names"] == ["lymphocyte", "neutrophil"] and model["card"]["backbone"] == "tiny_cnn"
-        body = httpx.post(f"{base}/api/v1/predict", files=[("files", ("a.png", png(1))), ("files", ("b.png", png(2)))],
-                          data={"sample": "before the crash"}, timeout=30).json()
+        body = api.post(f"{base}/api/v1/predict", files=[("files", ("a.png", png(1))), ("files", ("b.png", png(2)))],
+                        data={"sample": "before the crash"}, timeout=30).json()
         assert [r["label"] in model["class_names"] for r in body["results"]] == [True, True]
         pid = body["results"][0]["id"]
-        reviewed = httpx.post(f"{base}/api/v1/analyses/{body['analysis_id']}/review",
-                              json={"labels": [{"prediction_id": pid, "label": "neutrophil"}]}, timeout=30)
+        reviewed = api.post(f"{base}/api/v1/analyses/{body['analysis_id']}/review",
+                            json={"labels": [{"prediction_id": pid, "label": "neutrophil"}], "expected_version": 0},
+                            timeout=30)
         assert reviewed.status_code == 200
     finally:
         server.send_signal(signal.SIGKILL)  # no shutdown hook, no checkpoint: as after a crash
@@ -99,13 +105,14 @@ def test_serve_command_survives_kill_9_without_losing_commits(tiny_run: Path, tm
 
     server = start(command, port, log)
     try:
-        analysis = httpx.get(f"{base}/api/v1/analyses/{body['analysis_id']}", timeout=30).json()
+        analysis = api.get(f"{base}/api/v1/analyses/{body['analysis_id']}", timeout=30).json()
         assert analysis["sample"] == "before the crash" and analysis["n_images"] == 2
         assert [p["filename"] for p in analysis["predictions"]] == ["a.png", "b.png"]
         assert analysis["predictions"][0]["reviewed_label"] == "neutrophil"
         assert analysis["model"].startswith("run: tiny_cnn")
-        assert httpx.get(f"{base}{analysis['predictions'][1]['image_url']}", timeout=30).content == png(2)
-        second = httpx.post(f"{base}/api/v1/predict", files=[("files", ("c.png", png(3)))], timeout=30).json()
+        stored = api.get(f"{base}{analysis['predictions'][1]['image_url']}", timeout=30).content
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), np.asarray(Image.open(io.BytesIO(png(2)))))
+        second = api.post(f"{base}/api/v1/predict", files=[("files", ("c.png", png(3)))], timeout=30).json()
         assert second["analysis_id"] == body["analysis_id"] + 1
     finally:
         server.terminate()

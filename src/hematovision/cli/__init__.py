@@ -14,11 +14,27 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from hematovision.cli import adapt, bench, count, data, evaluate, export, gan, models, predict, segment, serve, train
+from hematovision.cli import (
+    adapt,
+    audit,
+    bench,
+    count,
+    data,
+    db,
+    evaluate,
+    export,
+    gan,
+    models,
+    predict,
+    segment,
+    serve,
+    train,
+    users,
+)
 from hematovision.errors import HematoVisionError
 
 # In the order ``hematovision --help`` lists them.
-COMMANDS = (data, models, train, evaluate, adapt, predict, bench, segment, count, gan, export, serve)
+COMMANDS = (data, models, train, evaluate, adapt, predict, bench, segment, count, gan, export, serve, users, audit, db)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,16 @@ def run(args: argparse.Namespace) -> int:
     print(summary_line(str(args.data or f"{args.split} split"), metrics))
     for name, row in metrics.get("per_source", {}).items():
         print("  " + summary_line(name, row))
+    if metrics.get("review"):
+        review = metrics["review"]
+        kept = review["unflagged_accuracy"]
+        print(f"review policy: {review['flagged_fraction']:.1%} flagged"
+              + (f"; accuracy of the unflagged {kept:.4f} ({review['n_unflagged']} images)" if kept is not None else ""))
+    unreadable = metrics.get("unreadable_files") or []
+    if unreadable:
+        print(f"{len(unreadable)} unreadable file(s) skipped (listed in metrics.json):")
+        for _file, reason in unreadable[:10]:
+            print(f"  unreadable: {reason}")
     if metrics["unknown_classes"]:
         print(f"left out (unknown to the model): {', '.join(metrics['unknown_classes'])}")
     if (metrics.get("lab_shift") or {}).get("shifted"):

@@ -137,7 +137,9 @@ def _scan_class_dirs(root: Path, split: str | None) -> ImageFolder:
         if label in seen_labels:
             log.warning("folders %r and %r both map to class %r", seen_labels[label], class_dir.name, label)
         seen_labels[label] = class_dir.name
-        files = sorted(path for path in class_dir.rglob("*") if path.is_file())
+        # Not just is_file(): a FIFO or a dangling link named like an image is kept, so that loading
+        # lists it as unreadable with its reason (it is never opened) instead of it vanishing.
+        files = sorted(path for path in class_dir.rglob("*") if not path.is_dir())
         images = [path for path in files if is_image_file(path)]
         ignored += [path for path in files if not is_image_file(path)]
         if not images:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from hematovision.data.images import ImageLoadError, load_rgb
+from hematovision.data.images import ImageLoadError, check_file, decode_problem, display_path, load_rgb
 from hematovision.data.sources import scan_labelled
 from hematovision.data.splits import file_digests
 
@@ -30,22 +30,21 @@ def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
     unreadable = []
     for sample in tqdm(folder.samples, desc="checking images", unit="img"):
         try:
-            with Image.open(sample.path) as image:
-                sizes[f"{image.width}x{image.height}"] += 1
-                modes[image.mode] += 1
+            size, mode = _read_header(sample.path)
+            sizes[size] += 1
+            modes[mode] += 1
             if decode:
                 load_rgb(sample.path)
-        # Pillow raises its bomb error (not an OSError) from Image.open for headers over 2x its pixel limit.
-        except (OSError, ImageLoadError, Image.DecompressionBombError) as error:
-            unreadable.append({"file": str(sample.path), "reason": str(error)})
+        except ImageLoadError as error:
+            unreadable.append({"file": display_path(sample.path), "reason": str(error)})
     by_digest = defaultdict(list)
     for sample, digest in zip(folder.samples, file_digests(folder.samples)):
         by_digest[digest].append(sample)
-    duplicates = [[f"{s.split + '/' if s.split else ''}{s.label}/{s.path.name}" for s in group]
+    duplicates = [[f"{s.split + '/' if s.split else ''}{s.label}/{display_path(s.path.name)}" for s in group]
                   for group in by_digest.values() if len(group) > 1]
     cross = [group for group in duplicates if len({entry.rsplit("/", 1)[0] for entry in group}) > 1]
     return {
-        "root": str(folder.root),
+        "root": display_path(folder.root),
         "labels_file": str(folder.labels_file) if folder.labels_file else None,
         "n_images": len(folder.samples),
         "classes": folder.class_names,
@@ -57,8 +56,30 @@ def inspect_dataset(root: str | Path, decode: bool = True) -> dict:
         "duplicate_groups": duplicates,
         "duplicates_across_classes_or_splits": cross,
         "unreadable": unreadable,
-        "ignored_non_image_files": [str(p) for p in folder.ignored],
+        "ignored_non_image_files": [display_path(p) for p in folder.ignored],
     }
+
+
+def _read_header(path: Path) -> tuple[str, str]:
+    """``(WxH, mode)`` from an image's header, without decoding its pixels.
+
+    Raises:
+        ImageLoadError: not a regular file (a FIFO is never opened), empty, or no readable image header.
+    """
+    check_file(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise ImageLoadError(f"{display_path(path)}: cannot open ({error.strerror or error})") from error
+    try:
+        with handle, Image.open(handle) as image:
+            return f"{image.width}x{image.height}", image.mode
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types on bad headers; each means a bad file
+        # (its bomb error from Image.open for headers over 2x its pixel limit, a ValueError for a
+        # PNG text chunk over its limit, an OSError for an unknown or unreadable file, ...)
+        raise ImageLoadError(f"{display_path(path)}: {decode_problem(error, 'not a readable image')}") from error
 
 
 def format_inspection(report: dict) -> str:

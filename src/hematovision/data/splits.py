@@ -25,6 +25,8 @@ def file_digests(samples: Sequence[Sample]) -> list[str]:
     digests = []
     for sample in samples:
         try:
+            if not sample.path.is_file():  # reading a FIFO would block until something writes to it
+                raise OSError("not a regular file")
             digests.append(hashlib.sha256(sample.path.read_bytes()).hexdigest())
         except OSError:
             digests.append(hashlib.sha256(str(sample.path).encode()).hexdigest())

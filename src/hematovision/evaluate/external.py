@@ -10,8 +10,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from hematovision._io import write_json
 from hematovision.data.folder import Sample, label_indices, load_images
+from hematovision.data.images import display_path
 from hematovision.data.sources import scan_labelled
 from hematovision.errors import DatasetError
 from hematovision.run import METRICS_FILE, SPLIT_FILE, read_split
@@ -69,7 +72,8 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     loaded = load_images(chosen, predictor.prep, desc="loading")
     if not loaded.samples:
         raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
-    probabilities = predictor.predict(list(loaded.images), prepared=True)  # load_images applied prep already
+    # load_images applied prep already; the flags are those of the run's review policy, if any
+    probabilities, flagged = predictor.predict_reviewed(list(loaded.images), prepared=True)
     shift = predictor.lab_shift()  # None for runs trained before the lab-shift score
     labels = label_indices(loaded.samples, predictor.class_names)
     context = {
@@ -77,6 +81,8 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
         "unknown_classes": ", ".join(unknown) or "none",
         "left_out_images": len(samples) - len(chosen), "unreadable_files": len(loaded.failures),
     }
+    review = review_summary(labels, probabilities, flagged) if predictor.policy is not None else None
+    context["review policy"] = _review_line(review)
     if shift is not None:
         context["lab-shift score"] = (f"{shift.score:.2f} (threshold {shift.threshold:.2f})" if shift.threshold
                                       else f"{shift.score:.2f}") + (": " + shift.message() if shift.shifted else "")
@@ -84,8 +90,28 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
                                f"{predictor.card.backbone} ({predictor.card.mode}) on {name}", context,
                                sources=[sample.source for sample in loaded.samples])
     metrics["unknown_classes"] = unknown
-    metrics["unreadable_files"] = [[str(p), reason] for p, reason in loaded.failures]
+    metrics["unreadable_files"] = [[display_path(p), reason] for p, reason in loaded.failures]
     metrics["views"] = predictor.views
     metrics["lab_shift"] = shift.to_dict() if shift is not None else None
+    metrics["review"] = review
     write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def review_summary(labels: np.ndarray, probabilities: np.ndarray, flagged: np.ndarray) -> dict:
+    """What the review policy does on labelled images: how many it flags, how right the rest are."""
+    right = probabilities.argmax(axis=1) == labels
+    kept = ~flagged
+    return {"flagged_fraction": float(flagged.mean()) if len(flagged) else 0.0,
+            "n_unflagged": int(kept.sum()),
+            "unflagged_accuracy": float(right[kept].mean()) if kept.any() else None,
+            "flagged_accuracy": float(right[flagged].mean()) if flagged.any() else None}
+
+
+def _review_line(review: dict | None) -> str:
+    if review is None:
+        return "none fitted for these weights (run `hematovision export RUN` to calibrate one)"
+    line = f"{review['flagged_fraction']:.1%} flagged for review"
+    if review["unflagged_accuracy"] is None:
+        return line + " (every image)"
+    return line + f"; accuracy of the unflagged {review['unflagged_accuracy']:.4f} on {review['n_unflagged']} images"

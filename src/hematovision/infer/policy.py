@@ -124,6 +124,24 @@ class ReviewPolicy:
                    means, precision, bool(data.get("calibrated", True)), info)
 
 
+def current_policy(run_dir: str | Path, weights_sha256: str | None, views: int) -> ReviewPolicy | None:
+    """The run's saved policy, only when it was fitted for these weights and test-time views.
+
+    A policy calibrated before the weights changed (retraining into the same folder, a copied
+    model file) would flag by the wrong thresholds, so it is ignored like a missing one.
+    """
+    try:
+        policy = ReviewPolicy.load(run_dir)
+    except (ValueError, KeyError, TypeError, OSError):
+        return None  # a damaged serving.json: the run has no usable policy
+    if policy is None:
+        return None
+    recorded = policy.info.get("source_sha256")
+    if (recorded and weights_sha256 and recorded != weights_sha256) or int(policy.info.get("views", 1) or 1) != views:
+        return None
+    return policy
+
+
 def whitener(precision: np.ndarray) -> np.ndarray:
     """A (D, D) matrix W with ``W @ W.T == precision``, so Mahalanobis distances become Euclidean ones."""
     values, vectors = np.linalg.eigh(precision.astype(np.float64))

@@ -12,6 +12,7 @@ from torch import nn
 from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
+from hematovision.infer.policy import ReviewPolicy, current_policy
 from hematovision.infer.runtime import LogitsAndFeatures, view_logits
 from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_run
@@ -47,12 +48,16 @@ class Predictor:
         self.shift = ShiftMonitor(reference) if reference is not None else None
         # The final layer's input comes from the same pass as the logits (a forward hook).
         self._with_features = LogitsAndFeatures(self.model, self.views) if self.shift is not None else None
+        # The review policy of `hematovision export` (or `adapt`), when fitted for these weights.
+        self.policy: ReviewPolicy | None = None
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, views: int | None = None) -> Predictor:
         """Load a run folder; its weights are checked against the card's sha256."""
         card, model = load_run(run_dir)
-        return cls(model, card, views)
+        predictor = cls(model, card, views)
+        predictor.policy = current_policy(run_dir, card.weights_sha256, predictor.views)
+        return predictor
 
     def preprocess(self, images: Sequence[np.ndarray], prepared: bool = False) -> torch.Tensor:
         """RGB uint8 images of any size → normalised (N, 3, S, S) tensor.
@@ -64,19 +69,30 @@ class Predictor:
         batch = np.stack(list(images) if prepared else [self.prep.prepare(image) for image in images])
         return normalize(batch, self.prep).contiguous(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def logits(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
         """Raw logits, (N, K). With a shift reference, the images' lab-shift scores are collected too."""
-        outputs = []
+        return self._forward(images, batch_size, prepared, keep_features=False)[0]
+
+    @torch.inference_mode()
+    def _forward(self, images: Sequence[np.ndarray], batch_size: int, prepared: bool,
+                 keep_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, when asked, the final layer's inputs (what the OOD score needs)."""
+        if (keep_features or self.shift is not None) and self._with_features is None:
+            self._with_features = LogitsAndFeatures(self.model, self.views)
+        outputs, kept = [], []
         for i in range(0, len(images), batch_size):
             batch = self.preprocess(images[i : i + batch_size], prepared)
-            if self._with_features is not None and self.shift is not None:
+            if self._with_features is not None:
                 logits, features = self._with_features(batch)
-                self.shift.update(features.numpy())
+                if self.shift is not None:
+                    self.shift.update(features.numpy())
+                if keep_features:
+                    kept.append(features.numpy())
             else:
                 logits = view_logits(self.model, batch, self.views)
             outputs.append(logits.numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
+        logits_all = np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
+        return logits_all, (np.concatenate(kept) if kept else None)
 
     def lab_shift(self) -> LabShift | None:
         """The lab-shift score of every image predicted since the last :meth:`reset_shift`.
@@ -100,6 +116,24 @@ class Predictor:
         probabilities = softmax(self.logits(images, batch_size, prepared), self.temperature)
         check_finite(probabilities)
         return probabilities
+
+    def predict_reviewed(self, images: Sequence[np.ndarray], batch_size: int = 32,
+                         prepared: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, K) and whether the run's review policy flags each image (N,) bool.
+
+        The same rules as the server (low confidence, out of distribution); without a policy
+        fitted for these weights nothing is flagged — check :attr:`policy` first.
+        """
+        needs_features = self.policy is not None and self.policy.has_ood
+        logits, features = self._forward(images, batch_size, prepared, keep_features=needs_features)
+        probabilities = softmax(logits, self.temperature)
+        check_finite(probabilities)
+        if self.policy is None:
+            return probabilities, np.zeros(len(probabilities), bool)
+        ood = self.policy.ood_scores(features) if features is not None else None
+        flagged = np.array([bool(self.policy.reasons(float(p.max()), None if ood is None else float(ood[i])))
+                            for i, p in enumerate(probabilities)], bool)
+        return probabilities, flagged
 
 
 def check_finite(probabilities: np.ndarray) -> None:

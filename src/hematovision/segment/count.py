@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hematovision._io import atomic_write, write_json
-from hematovision.data.images import ImageLoadError, load_rgb
+from hematovision.data.images import ImageLoadError, display_path, load_rgb
 from hematovision.errors import HematoVisionError
 from hematovision.segment.differential import DEFAULT_REVIEW_BELOW, CellRecord, write_differential
 from hematovision.segment.field import (
@@ -94,26 +94,26 @@ def count_fields(
             image = load_rgb(path)
         except ImageLoadError as error:
             report(f"skipped: {error}")
-            rows.append({**dict.fromkeys(_COUNT_COLUMNS, ""), "image": str(path), "note": f"unreadable: {error}"})
+            rows.append({**dict.fromkeys(_COUNT_COLUMNS, ""), "image": display_path(path), "note": f"unreadable: {error}"})
             continue
         result = analyze_field(image, params, classifier)
         overlay = draw_field(image, result)
         atomic_write(out_dir / f"{path.stem}_boxes.png", lambda tmp, o=overlay: _save_png(o, tmp))
-        report(f"{path.name}: {result.message}")
+        report(f"{display_path(path.name)}: {result.message}")
         if not result.white_cells:
-            empty.append(str(path))
+            empty.append(display_path(path))
         for index, cell in enumerate(result.white_cells, start=1):
             if cell.cell_type is None:
                 continue
             ranked = sorted(cell.probabilities.items(), key=lambda item: -item[1])
             second = ranked[1] if len(ranked) > 1 else ("", 0.0)
             cells.append(CellRecord(
-                image=str(path), index=index, box=cell.box.as_list(), cell_type=cell.cell_type,
+                image=display_path(path), index=index, box=cell.box.as_list(), cell_type=cell.cell_type,
                 probability=float(cell.probability or 0.0), thumbnail=crop_square(image, cell.box),
                 second_type=second[0], second_probability=float(second[1]),
             ))
         rows.append({
-            "image": str(path), **result.counts,
+            "image": display_path(path), **result.counts,
             "types": ";".join(c.cell_type or "" for c in result.white_cells),
             "note": "" if result.white_cells else "no white cell found",
         })

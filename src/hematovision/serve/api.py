@@ -7,10 +7,11 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +19,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from hematovision._io import write_bytes
+from hematovision.serve.audit import AuditEvent, audit_rows, record_audit
+from hematovision.serve.auth import Admin, CurrentUser, Reviewer, authenticate, client_address
 from hematovision.serve.batching import MicroBatcher
 from hematovision.serve.db import (
     EXCLUDED,
@@ -34,7 +37,9 @@ from hematovision.serve.uploads import (
     UploadLimits,
     decode_image,
     expand_uploads,
+    reencode,
 )
+from hematovision.serve.users import User
 
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
                "tiff": "image/tiff", "webp": "image/webp"}
@@ -67,6 +72,8 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+# SQLite's integers are 64-bit: a larger id cannot exist, and binding one raises OverflowError (a 500).
+RowId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 # ---- response and request models (they make the OpenAPI docs at /docs) ----
@@ -108,7 +115,11 @@ class AnalysisSummary(BaseModel):
     n_reviewed: int
     n_needs_review: int
     review_status: Literal["unreviewed", "partial", "reviewed"]
-    version: int
+    version: int = Field(description="send it back as expected_version with a review, sign-off or amendment")
+    signed_off_by: str | None = Field(default=None, description="the reviewer who signed it off (then read-only)")
+    signed_off_at: str | None = None
+    amended_by: str | None = Field(default=None, description="the admin who last amended it after sign-off")
+    amended_at: str | None = None
 
 
 class AnalysisOut(AnalysisSummary):
@@ -146,13 +157,34 @@ class ReviewItem(BaseModel):
     label: str = Field(description="a class name, or 'excluded' for an image that is not a white blood cell")
 
 
+_EXPECTED_VERSION = "the analysis's version when it was read: 409 if it changed since (required)"
+
+
 class ReviewRequest(BaseModel):
+    """The reviewer is the logged-in user; a ``reviewer`` field is refused (422), not trusted."""
+
     model_config = ConfigDict(extra="forbid")
     labels: list[ReviewItem] = Field(min_length=1, max_length=10_000)
-    reviewer: str = Field(default="anonymous", max_length=100)
-    expected_version: int | None = Field(
-        default=None, description="refuse with 409 if the analysis changed since this version was read"
-    )
+    expected_version: int = Field(ge=0, description=_EXPECTED_VERSION)
+
+
+class SignOffRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expected_version: int = Field(ge=0, description=_EXPECTED_VERSION)
+
+
+class AmendRequest(ReviewRequest):
+    reason: str = Field(min_length=3, max_length=500, description="why the signed-off result is changed (audited)")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: str = Field(description="ISO 8601, UTC")
+    user: str
+    action: str = Field(description="e.g. upload, view, review, signoff, amend, export")
+    analysis_id: int | None
+    detail: str
+    client: str | None = Field(description="the client's IP address")
 
 
 class Health(BaseModel):
@@ -162,7 +194,9 @@ class Health(BaseModel):
     mean_batch_size: float | None = Field(default=None, description="over the last 1000 model calls")
 
 
-router = APIRouter()
+# Every route of ``router`` needs a logged-in user (401 otherwise): a route added here cannot forget it.
+router = APIRouter(dependencies=[Depends(authenticate)])
+public_router = APIRouter()  # only /health: a load balancer's probe has no credentials
 
 _UPLOAD_SCHEMA = {
     "requestBody": {
@@ -180,7 +214,7 @@ _UPLOAD_SCHEMA = {
 }
 
 
-@router.get("/health", response_model=Health, tags=["service"])
+@public_router.get("/health", response_model=Health, tags=["service"])
 def health(state: State) -> dict[str, Any]:
     """Liveness: the model is loaded and the app answers."""
     sizes = state.batcher.batch_sizes
@@ -195,7 +229,7 @@ def model_card(state: State) -> dict[str, Any]:
 
 
 @router.post("/api/v1/predict", response_model=PredictResponse, tags=["predict"], openapi_extra=_UPLOAD_SCHEMA)
-async def predict(request: Request, state: State) -> dict[str, Any]:
+async def predict(request: Request, state: State, user: CurrentUser) -> dict[str, Any]:
     """Classify one or more images (multipart parts named ``files``; zips are unpacked).
 
     The analysis and its predictions are stored; the answer has, per image, the label,
@@ -204,11 +238,12 @@ async def predict(request: Request, state: State) -> dict[str, Any]:
     settings = state.settings
     files, sample = await _read_form(request, settings)
     limits = UploadLimits(settings.max_file_bytes, settings.max_files, settings.max_pixels,
-                          settings.max_zip_bytes, settings.max_zip_ratio)
+                          settings.max_zip_bytes, settings.max_zip_ratio, settings.max_request_pixels)
     raw_images = await run_in_threadpool(expand_uploads, files, limits)
     prepared = await run_in_threadpool(_decode_all, raw_images, state.engine, settings.max_pixels)
-    predictions = await state.batcher.submit([image for image, _ in prepared])
-    analysis_id = await run_in_threadpool(_store, state, sample, raw_images, prepared, predictions)
+    predictions = await state.batcher.submit([item.model_input for item in prepared])
+    audit = AuditEvent(user.name, "upload", f"{len(raw_images)} image(s)", client_address(request))
+    analysis_id = await run_in_threadpool(_store, state, sample, raw_images, prepared, predictions, audit)
     analysis = await run_in_threadpool(state.db.get_analysis, analysis_id)
     shift = state.engine.lab_shift(predictions)
     return {
@@ -234,29 +269,91 @@ def list_analyses(
 
 
 @router.get("/api/v1/analyses/{analysis_id}", response_model=AnalysisOut, tags=["analyses"])
-def get_analysis(analysis_id: int, state: State) -> dict[str, Any]:
-    """One analysis with every prediction, its review and the differential count."""
-    return _analysis_out(state.db.get_analysis(analysis_id), state)
+def get_analysis(analysis_id: RowId, state: State, user: CurrentUser, request: Request) -> dict[str, Any]:
+    """One analysis with every prediction, its review, sign-off and the differential count (audited as a view)."""
+    analysis = state.db.get_analysis(analysis_id)
+    record_audit(state.db, user.name, "view", analysis_id, client=client_address(request))
+    return _analysis_out(analysis, state)
 
 
-@router.post("/api/v1/analyses/{analysis_id}/review", response_model=AnalysisOut, tags=["analyses"])
-def review_analysis(analysis_id: int, review: ReviewRequest, state: State) -> dict[str, Any]:
-    """Confirm (send the predicted label) or correct (send another) the labels of some images.
+@router.post("/api/v1/analyses/{analysis_id}/review", response_model=AnalysisOut, tags=["analyses"],
+             responses={409: {"description": "the analysis changed since expected_version, or is signed off"}})
+def review_analysis(analysis_id: RowId, review: ReviewRequest, state: State, user: CurrentUser,
+                    request: Request) -> dict[str, Any]:
+    """Confirm (send the predicted label) or correct (send another) the labels of some images, as the logged-in user.
 
     Use ``excluded`` for an image that is not a white blood cell; it leaves the differential.
+    Refused with 409 once the analysis is signed off (an admin amends it instead).
     """
-    labels = {item.prediction_id: item.label for item in review.labels}
-    allowed = [*state.engine.class_names, EXCLUDED]
-    reviewer = "".join(c for c in review.reviewer if c.isprintable()).strip() or "anonymous"
-    state.db.review(analysis_id, labels, reviewer, allowed, review.expected_version)
+    return _change_labels(analysis_id, review, state, user, request, reason=None)
+
+
+@router.post("/api/v1/analyses/{analysis_id}/signoff", response_model=AnalysisOut, tags=["analyses"],
+             responses={403: {"description": "the user is a technologist"},
+                        409: {"description": "changed since expected_version, already signed off, or flagged "
+                                             "images not reviewed yet"}})
+def sign_off_analysis(analysis_id: RowId, body: SignOffRequest, state: State, user: Reviewer,
+                      request: Request) -> dict[str, Any]:
+    """Sign the analysis off (reviewer or admin): the result is released and becomes read-only.
+
+    Every image flagged for review must have been reviewed first.
+    """
+    audit = AuditEvent(user.name, "signoff", f"signed off at version {body.expected_version}", client_address(request))
+    state.db.sign_off(analysis_id, user.name, body.expected_version, audit=audit.insert)
     return _analysis_out(state.db.get_analysis(analysis_id), state)
+
+
+@router.post("/api/v1/analyses/{analysis_id}/amend", response_model=AnalysisOut, tags=["analyses"],
+             responses={403: {"description": "the user is not an admin"},
+                        409: {"description": "changed since expected_version, or not signed off"}})
+def amend_analysis(analysis_id: RowId, amendment: AmendRequest, state: State, user: Admin,
+                   request: Request) -> dict[str, Any]:
+    """Correct labels of a signed-off analysis (admin only), with the reason; it stays signed off, marked amended."""
+    return _change_labels(analysis_id, amendment, state, user, request, reason=amendment.reason)
+
+
+class DeletedOut(BaseModel):
+    """What deleting an analysis removed."""
+
+    analysis_id: int
+    predictions: int
+    reviews: int
+    files: int
+
+
+@router.delete("/api/v1/analyses/{analysis_id}", response_model=DeletedOut, tags=["analyses"],
+               responses={403: {"description": "the user is not an admin"},
+                          404: {"description": "no such analysis"}})
+def delete_analysis_route(analysis_id: RowId, state: State, user: Admin, request: Request,
+                          reason: Annotated[str, Query(min_length=3, max_length=500,
+                                                       description="why it is deleted (kept in the audit trail)")],
+                          ) -> dict[str, Any]:
+    """Delete one analysis for good (admin only): its records and the images no other analysis uses.
+
+    The audit trail keeps the deletion with its reason (never the sample name).
+    """
+    from hematovision.serve.retention import delete_analysis
+
+    audit = AuditEvent(user.name, "delete", f"deleted: {reason}", client_address(request))
+    deleted = delete_analysis(state.db, state.settings.storage_dir, analysis_id, audit=audit.insert)
+    return {"analysis_id": analysis_id, "predictions": deleted.predictions, "reviews": deleted.reviews,
+            "files": deleted.files}
+
+
+@router.get("/api/v1/analyses/{analysis_id}/audit", response_model=list[AuditOut], tags=["analyses"])
+def analysis_audit(analysis_id: RowId, state: State) -> list[dict[str, Any]]:
+    """The audit trail of one analysis, oldest first: who viewed, reviewed, signed off, amended or exported it."""
+    state.db.get_analysis(analysis_id)  # 404 for an analysis that does not exist
+    return audit_rows(state.db, analysis_id=analysis_id)
 
 
 @router.get("/api/v1/analyses/{analysis_id}/export.csv", tags=["analyses"],
             response_class=Response, responses={200: {"content": {"text/csv": {}}}})
-def export_csv(analysis_id: int, state: State, kind: Literal["images", "differential"] = "images") -> Response:
-    """The analysis as CSV: one row per image (``kind=images``) or the differential count."""
+def export_csv(analysis_id: RowId, state: State, user: CurrentUser, request: Request,
+               kind: Literal["images", "differential"] = "images") -> Response:
+    """The analysis as CSV: one row per image (``kind=images``) or the differential count (audited)."""
     analysis = state.db.get_analysis(analysis_id)
+    record_audit(state.db, user.name, "export", analysis_id, f"CSV ({kind})", client_address(request))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     if kind == "differential":
@@ -285,7 +382,7 @@ def export_csv(analysis_id: int, state: State, kind: Literal["images", "differen
 
 @router.get("/api/v1/predictions/{prediction_id}/image", tags=["analyses"], response_class=Response,
             responses={200: {"content": {"image/*": {}}}})
-def prediction_image(prediction_id: int, state: State) -> Response:
+def prediction_image(prediction_id: RowId, state: State) -> Response:
     """The stored image of one prediction."""
     prediction = state.db.get_prediction(prediction_id)
     path = _stored_path(state, prediction["stored_name"])
@@ -298,7 +395,7 @@ def prediction_image(prediction_id: int, state: State) -> Response:
 
 @router.get("/api/v1/predictions/{prediction_id}/heatmap.png", tags=["analyses"], response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def prediction_heatmap(prediction_id: int, state: State, label: str | None = None) -> Response:
+def prediction_heatmap(prediction_id: RowId, state: State, label: str | None = None) -> Response:
     """Grad-CAM overlay: where the model looked for ``label`` (default: the predicted class)."""
     from PIL import Image
 
@@ -363,33 +460,59 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[tuple[s
         await form.close()
 
 
-def _decode_all(raw_images: list[RawImage], engine: Engine, max_pixels: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+class _Decoded(NamedTuple):
+    model_input: np.ndarray
+    size: tuple[int, int]  # width, height
+    stored: tuple[bytes, str]  # what is stored, and its format: the decoded pixels re-encoded, never the upload
+
+
+def _decode_all(raw_images: list[RawImage], engine: Engine, max_pixels: int) -> list[_Decoded]:
     prepared = []
     for raw in raw_images:
         image = decode_image(raw, max_pixels)
-        prepared.append((engine.prepare(image), (image.shape[1], image.shape[0])))
+        prepared.append(_Decoded(engine.prepare(image), (image.shape[1], image.shape[0]), reencode(image, raw.kind)))
     return prepared
 
 
 def _store(state: AppState, sample: str, raw_images: list[RawImage],
-           prepared: list[tuple[np.ndarray, tuple[int, int]]], predictions: list[ImagePrediction]) -> int:
+           prepared: list[_Decoded], predictions: list[ImagePrediction], audit: AuditEvent) -> int:
     records = []
-    for raw, (_, (width, height)), prediction in zip(raw_images, prepared, predictions):
-        digest = hashlib.sha256(raw.data).hexdigest()
+    for raw, decoded, prediction in zip(raw_images, prepared, predictions):
+        width, height = decoded.size
+        digest = hashlib.sha256(raw.data).hexdigest()  # of the upload, so a lab can match its own file
         # The stored name comes from the content, never from the client: no path tricks, and
-        # an image uploaded twice is kept once.
-        stored_name = f"{digest[:2]}/{digest}{EXTENSIONS[raw.kind]}"
+        # an image uploaded twice is kept once. The stored file is a fresh encoding of the pixels:
+        # metadata, trailing bytes and polyglot payloads of the upload never reach the disk.
+        stored_bytes, stored_kind = decoded.stored
+        stored_name = f"{digest[:2]}/{digest}{EXTENSIONS[stored_kind]}"
         path = _stored_path(state, stored_name)
         if not path.exists():
-            write_bytes(path, raw.data)
+            write_bytes(path, stored_bytes)
         records.append(PredictionRecord(
             filename=raw.filename, stored_name=stored_name, sha256=digest, width=width, height=height,
             label=prediction.label, confidence=prediction.confidence, probabilities=prediction.probabilities,
             ood_score=prediction.ood_score, needs_review=prediction.needs_review,
             review_reasons=prediction.reasons,
         ))
-    # Images are written first; the analysis appears only when its one transaction commits.
-    return state.db.add_analysis(sample, state.model_name, records)
+    # Images are written first; the analysis (and its audit row) appear only when its one transaction commits.
+    return state.db.add_analysis(sample, state.model_name, records, audit=audit.insert)
+
+
+def _change_labels(analysis_id: int, change: ReviewRequest, state: AppState, user: User, request: Request,
+                   reason: str | None) -> dict[str, Any]:
+    """A review (``reason`` None) or an admin's amendment, stored with its audit row in one transaction."""
+    labels = {item.prediction_id: item.label for item in change.labels}
+    before = state.db.get_analysis(analysis_id)
+    # Read before the change: if the analysis moves on in between, expected_version makes the change fail,
+    # so the "was" labels below are those the change replaced.
+    was = {p["id"]: p["final_label"] for p in before["predictions"]}
+    changes = ", ".join(f"#{pid} {was.get(pid, '?')}→{label}" if was.get(pid) != label else f"#{pid} {label} (confirmed)"
+                        for pid, label in labels.items())
+    detail = (f"reason: {reason}; " if reason is not None else "") + f"{len(labels)} label(s): {changes}"
+    audit = AuditEvent(user.name, "review" if reason is None else "amend", detail, client_address(request))
+    state.db.review(analysis_id, labels, user.name, [*state.engine.class_names, EXCLUDED], change.expected_version,
+                    amend=reason is not None, audit=audit.insert)
+    return _analysis_out(state.db.get_analysis(analysis_id), state)
 
 
 def _stored_path(state: AppState, stored_name: str) -> Path:
@@ -416,4 +539,4 @@ def _csv_safe(value: object) -> object:
     return value
 
 
-__all__ = ["AppState", "differential_count", "router"]
+__all__ = ["AppState", "differential_count", "public_router", "router"]

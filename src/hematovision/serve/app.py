@@ -12,19 +12,22 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hematovision.errors import HematoVisionError
 from hematovision.infer.predictor import NonFiniteOutputError
-from hematovision.serve.api import AppState, router
+from hematovision.serve import login
+from hematovision.serve.api import AppState, public_router, router
+from hematovision.serve.auth import LoginRequired, install_auth, login_redirect_url, page_user
 from hematovision.serve.batching import MicroBatcher
 from hematovision.serve.db import ConflictError, Database, NotFoundError, ReviewError
 from hematovision.serve.engine import Engine, PredictorLike, load_engine
+from hematovision.serve.protect import inline_script_policy, install_protections
 from hematovision.serve.settings import Settings
 from hematovision.serve.uploads import UploadError
 
@@ -53,7 +56,7 @@ def create_app(settings: Settings | None = None, predictor: PredictorLike | None
             engine = load_engine(settings.model, settings.backend, settings.threads, settings.confidence_threshold)
         else:
             raise HematoVisionError("no model to serve: pass --model RUN_DIR or set HEMATOVISION_MODEL")
-    db = Database(settings.db)
+    db = Database(settings.db, synchronous=settings.db_synchronous)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     batcher: MicroBatcher[Any, Any] = MicroBatcher(engine.run_batch, settings.batch_size, settings.batch_wait_ms)
 
@@ -74,20 +77,25 @@ def create_app(settings: Settings | None = None, predictor: PredictorLike | None
         redoc_url=None,
     )
     app.state.hv = AppState(settings, engine, db, batcher)
-    app.include_router(router)
+    install_auth(app, settings, db)
+    app.include_router(public_router)
+    app.include_router(login.router)  # the login page and the token endpoint: reachable without a login
+    app.include_router(router)  # everything else under /api/v1 needs a user (serve/auth.py)
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_protections(app, settings)  # hosts, security headers, rate limits: outside the body limit
 
     static = resources.files("hematovision.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     _add_docs(app)
 
-    @app.get("/", include_in_schema=False)
+    # The pages need a login too; a browser without one is sent to /login (API routes answer 401 instead).
+    @app.get("/", include_in_schema=False, dependencies=[Depends(page_user)])
     def index() -> FileResponse:
         return FileResponse(str(static / "index.html"))
 
-    @app.get("/history", include_in_schema=False)
+    @app.get("/history", include_in_schema=False, dependencies=[Depends(page_user)])
     def history() -> FileResponse:
         return FileResponse(str(static / "history.html"))
 
@@ -113,11 +121,14 @@ def _add_docs(app: FastAPI) -> None:
             return HTMLResponse("<!doctype html><title>HematoVision API</title><p>Interactive docs need "
                                 "<code>pip install swagger-ui-bundle-v2</code>; the OpenAPI schema is at "
                                 "<a href='/openapi.json'>/openapi.json</a>.</p>")
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=str(app.openapi_url), title="HematoVision API",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
+        # FastAPI starts Swagger UI with an inline script: allow exactly that one by its hash.
+        page.headers["Content-Security-Policy"] = inline_script_policy(bytes(page.body))
+        return page
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -127,6 +138,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     ]
     for error_type, status in statuses:
         app.add_exception_handler(error_type, _fixed_status(status))
+
+    async def login_required(_request: Request, error: Exception) -> RedirectResponse:
+        assert isinstance(error, LoginRequired)
+        return RedirectResponse(login_redirect_url(error.next_url), 303)
+
+    app.add_exception_handler(LoginRequired, login_required)
 
     async def upload_error(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=getattr(error, "status", 400))

@@ -2,7 +2,10 @@
 
 The database runs in WAL mode: readers never block the writer, and a transaction that
 returned from ``COMMIT`` is in the WAL file, so killing the server loses nothing that was
-committed (``synchronous=NORMAL`` trades only durability against power loss for speed).
+committed. ``synchronous=FULL`` (the default) also fsyncs the WAL at every commit, so a power
+loss or OS crash loses nothing either; ``NORMAL`` would lose the last commits then. FULL costs an
+fsync per commit: +0.4 ms per upload (median) on a quiet disk, 8-10 ms on a busy one
+(``benchmarks/db_synchronous.py``, docs/deployment.md).
 Every write is one ``BEGIN IMMEDIATE`` transaction, so a request either stores all it
 has or nothing. Each operation opens its own short-lived connection, which keeps the
 database safe to use from the server's worker threads.
@@ -10,9 +13,10 @@ database safe to use from the server's worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,8 +25,9 @@ from typing import Any
 
 from hematovision.errors import HematoVisionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sign-off columns, users, auth_tokens, audit (serve/users.py, serve/audit.py)
 EXCLUDED = "excluded"  # a review label meaning "not a white blood cell": left out of the differential
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS analyses (
@@ -31,7 +36,11 @@ CREATE TABLE IF NOT EXISTS analyses (
     sample TEXT NOT NULL DEFAULT '',
     model TEXT NOT NULL,
     n_images INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    signed_off_by TEXT,
+    signed_off_at TEXT,
+    amended_by TEXT,
+    amended_at TEXT
 );
 CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,7 +74,47 @@ CREATE TABLE IF NOT EXISTS reviews (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reviews_analysis ON reviews (analysis_id);
+-- Users, their login sessions and API tokens: read and written by serve/users.py.
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    role TEXT NOT NULL CHECK (role IN ('technologist', 'reviewer', 'admin')),
+    password_hash TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_tokens (
+    token_hash TEXT PRIMARY KEY,  -- sha256 of the token: a copy of the database holds no usable token
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    kind TEXT NOT NULL CHECK (kind IN ('session', 'api')),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS auth_tokens_user ON auth_tokens (user_id);
+-- The audit trail (serve/audit.py): append-only, enforced by the triggers below. No foreign key on
+-- analysis_id: the trail outlives purged or deleted analyses.
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    user TEXT NOT NULL,
+    action TEXT NOT NULL,
+    analysis_id INTEGER,
+    detail TEXT NOT NULL DEFAULT '',
+    client TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_analysis ON audit (analysis_id);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
+# Columns added after schema 1; a database written by an older version gets them on opening.
+_ADDED_COLUMNS = {"analyses": ("signed_off_by TEXT", "signed_off_at TEXT", "amended_by TEXT", "amended_at TEXT")}
+
+AuditHook = Callable[[sqlite3.Connection, int], None]
+"""Writes the audit row of a change inside the change's own transaction (given the connection and the
+analysis id), so a change is never stored without its audit row; see :class:`hematovision.serve.audit.AuditEvent`."""
 
 
 class NotFoundError(HematoVisionError, LookupError):
@@ -74,6 +123,10 @@ class NotFoundError(HematoVisionError, LookupError):
 
 class ConflictError(HematoVisionError):
     """The analysis changed since the client read it (its ``version`` moved on)."""
+
+
+class SignedOffError(ConflictError):
+    """The analysis is signed off: it is read-only except for an admin's amendment."""
 
 
 class ReviewError(HematoVisionError, ValueError):
@@ -120,14 +173,24 @@ class Database:
 
     Args:
         path: database file; its folder is created and the schema applied when missing.
+        synchronous: SQLite's ``synchronous`` setting for every connection: ``FULL`` (committed
+            means on disk, even through a power loss), ``NORMAL`` or ``EXTRA``.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise HematoVisionError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
+        self.synchronous = synchronous.upper()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in present:
+                        connection.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise HematoVisionError(
@@ -144,6 +207,14 @@ class Database:
         """Close the long-lived connection (the WAL is checkpointed if no one else has the file open)."""
         self._keeper.close()
 
+    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A short-lived connection for reads (rows as :class:`sqlite3.Row`); for the modules that own other tables."""
+        return self._connect()
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed on exit and rolled back on an exception."""
+        return self._transaction()
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below), never implicit.
@@ -151,7 +222,7 @@ class Database:
         try:
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA foreign_keys=ON")
-            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA synchronous={self.synchronous}")  # one of SYNCHRONOUS_MODES
             connection.execute("PRAGMA busy_timeout=30000")
             yield connection
         finally:
@@ -170,8 +241,12 @@ class Database:
                 raise
             connection.execute("COMMIT")
 
-    def add_analysis(self, sample: str, model: str, records: Sequence[PredictionRecord]) -> int:
-        """Store an analysis and all its predictions in one transaction; return its id."""
+    def add_analysis(self, sample: str, model: str, records: Sequence[PredictionRecord],
+                     audit: AuditHook | None = None) -> int:
+        """Store an analysis and all its predictions in one transaction; return its id.
+
+        ``audit`` writes the upload's audit row in the same transaction.
+        """
         with self._transaction() as connection:
             cursor = connection.execute(
                 "INSERT INTO analyses (created_at, sample, model, n_images) VALUES (?, ?, ?, ?)",
@@ -189,6 +264,8 @@ class Database:
                     for position, r in enumerate(records)
                 ],
             )
+            if audit is not None:
+                audit(connection, analysis_id)
         return analysis_id
 
     def get_analysis(self, analysis_id: int) -> dict[str, Any]:
@@ -265,6 +342,9 @@ class Database:
         reviewer: str,
         allowed_labels: Sequence[str],
         expected_version: int | None = None,
+        *,
+        amend: bool = False,
+        audit: AuditHook | None = None,
     ) -> int:
         """Set the reviewed label of some predictions of one analysis, atomically.
 
@@ -274,9 +354,12 @@ class Database:
         Args:
             analysis_id: the analysis.
             labels: prediction id → reviewed label (the predicted one to confirm it).
-            reviewer: who reviewed (free text).
+            reviewer: who reviewed (the logged-in user's name).
             allowed_labels: the class names plus :data:`EXCLUDED`.
             expected_version: when given, the review is refused if the analysis changed since.
+            amend: an admin's amendment of a signed-off analysis (refused on one not signed off);
+                a plain review is refused once the analysis is signed off.
+            audit: writes the audit row in the same transaction.
 
         Returns:
             The analysis's new version.
@@ -285,19 +368,19 @@ class Database:
             NotFoundError: no such analysis.
             ReviewError: an unknown label or a prediction of another analysis.
             ConflictError: ``expected_version`` is not the current version.
+            SignedOffError: a review of a signed-off analysis, or an amendment of one not signed off.
         """
         unknown = sorted({label for label in labels.values() if label not in allowed_labels})
         if unknown:
             raise ReviewError(f"unknown label(s) {unknown}; use one of {list(allowed_labels)}")
         now = _now()
         with self._transaction() as connection:
-            row = connection.execute("SELECT version FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"analysis {analysis_id} does not exist")
-            if expected_version is not None and expected_version != row["version"]:
-                raise ConflictError(
-                    f"analysis {analysis_id} is at version {row['version']}, not {expected_version}; reload it"
-                )
+            row = self._locked_row(connection, analysis_id, expected_version)
+            if row["signed_off_at"] is not None and not amend:
+                raise SignedOffError(f"analysis {analysis_id} was signed off by {row['signed_off_by']} at "
+                                     f"{row['signed_off_at']} and is read-only; an admin can amend it")
+            if row["signed_off_at"] is None and amend:
+                raise SignedOffError(f"analysis {analysis_id} is not signed off; change it with a review")
             current = {
                 r["id"]: (r["reviewed_label"] or r["label"])
                 for r in connection.execute("SELECT id, label, reviewed_label FROM predictions WHERE analysis_id = ?",
@@ -317,8 +400,60 @@ class Database:
                     (analysis_id, prediction_id, label, current[prediction_id], reviewer, now),
                 )
             version = int(row["version"]) + 1
-            connection.execute("UPDATE analyses SET version = ? WHERE id = ?", (version, analysis_id))
+            if amend:
+                connection.execute("UPDATE analyses SET version = ?, amended_by = ?, amended_at = ? WHERE id = ?",
+                                   (version, reviewer, now, analysis_id))
+            else:
+                connection.execute("UPDATE analyses SET version = ? WHERE id = ?", (version, analysis_id))
+            if audit is not None:
+                audit(connection, analysis_id)
         return version
+
+    def sign_off(self, analysis_id: int, user: str, expected_version: int, audit: AuditHook | None = None) -> int:
+        """Sign an analysis off: from now on it is read-only (only an admin's amendment changes it).
+
+        Refused while an image flagged for review has not been reviewed: the flags are what the
+        reviewer vouches for.
+
+        Returns:
+            The analysis's new version.
+
+        Raises:
+            NotFoundError: no such analysis.
+            ConflictError: ``expected_version`` is not the current version, or images flagged for
+                review are still open.
+            SignedOffError: it is signed off already.
+        """
+        with self._transaction() as connection:
+            row = self._locked_row(connection, analysis_id, expected_version)
+            if row["signed_off_at"] is not None:
+                raise SignedOffError(f"analysis {analysis_id} was already signed off by {row['signed_off_by']} "
+                                     f"at {row['signed_off_at']}")
+            open_flags = connection.execute(
+                "SELECT COUNT(*) FROM predictions WHERE analysis_id = ? AND needs_review = 1 AND reviewed_label IS NULL",
+                (analysis_id,)).fetchone()[0]
+            if open_flags:
+                raise ConflictError(f"analysis {analysis_id} has {open_flags} image(s) flagged for review that are "
+                                    "not reviewed yet; review them before signing off")
+            version = int(row["version"]) + 1
+            connection.execute("UPDATE analyses SET version = ?, signed_off_by = ?, signed_off_at = ? WHERE id = ?",
+                               (version, user, _now(), analysis_id))
+            if audit is not None:
+                audit(connection, analysis_id)
+        return version
+
+    @staticmethod
+    def _locked_row(connection: sqlite3.Connection, analysis_id: int, expected_version: int | None) -> sqlite3.Row:
+        # Read inside the write transaction: the version check and the change cannot be split by another writer.
+        row: sqlite3.Row | None = connection.execute(
+            "SELECT version, signed_off_by, signed_off_at FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"analysis {analysis_id} does not exist")
+        if expected_version is not None and expected_version != row["version"]:
+            raise ConflictError(
+                f"analysis {analysis_id} is at version {row['version']}, not {expected_version}; reload it"
+            )
+        return row
 
     def review_log(self, analysis_id: int) -> list[dict[str, Any]]:
         """Every review action on an analysis, oldest first."""
@@ -352,6 +487,10 @@ def _analysis_summary(row: sqlite3.Row) -> dict[str, Any]:
         "n_needs_review": int(row["n_flagged"]),
         "review_status": status,
         "version": int(row["version"]),
+        "signed_off_by": row["signed_off_by"],
+        "signed_off_at": row["signed_off_at"],
+        "amended_by": row["amended_by"],
+        "amended_at": row["amended_at"],
     }
 
 

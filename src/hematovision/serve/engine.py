@@ -22,7 +22,7 @@ from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy
-from hematovision.infer.predictor import check_finite
+from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
 from hematovision.infer.shift import LabShift, ShiftReference
 from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, POLICY_FILE
@@ -181,6 +181,9 @@ class Engine:
         if logits.shape[1] != len(self.class_names):
             raise HematoVisionError(f"the model has {logits.shape[1]} outputs but the card lists "
                                     f"{len(self.class_names)} classes")
+        # Finite weights can still overflow to NaN or infinity; such a model must not start serving
+        # (every upload would then fail), and it is told apart from a bad upload here, once.
+        check_finite(softmax(logits, self.temperature))
         means = self.policy.class_means
         if means is not None and means.shape[1] != features.shape[1]:
             raise HematoVisionError(
@@ -206,7 +209,13 @@ class Engine:
         """Predict prepared images (each (S, S, 3) uint8) in one pass; the micro-batcher's ``process``."""
         logits, features = self.forward(np.stack(images))
         probabilities = softmax(logits, self.temperature)
-        check_finite(probabilities)
+        try:
+            check_finite(probabilities)
+        except NonFiniteOutputError as error:
+            # Inputs are uint8 pixels, always finite: the model is at fault, so the server log says so
+            # (the client gets a 503 with the same line, and nothing is stored).
+            log.error("%s", error)
+            raise
         ood = self.policy.ood_scores(features)
         shift = self.shift.image_scores(features) if self.shift is not None else None
         results = []

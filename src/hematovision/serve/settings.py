@@ -10,6 +10,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.paths import hematovision_home
 
 ENV_PREFIX = "HEMATOVISION_"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # where --no-auth may listen
 
 
 def _default_db() -> Path:
@@ -43,6 +44,29 @@ class Settings:
         confidence_threshold: flag predictions below this confidence; ``None`` takes the
             value calibrated on validation data (``serving.json`` in the run folder).
         gradcam: whether the app offers Grad-CAM heat maps.
+        allowed_hosts: host names the ``Host`` header may carry (DNS-rebinding guard; ``*.lab.example``
+            and ``*`` allowed); empty takes :attr:`trusted_hosts`' defaults. Env: comma separated.
+        hsts: send ``Strict-Transport-Security`` (only when the server is reached over TLS, e.g. behind
+            a TLS reverse proxy).
+        rate_limit_per_minute: API requests per minute per user (or per client IP without credentials);
+            0 switches the limit off.
+        upload_rate_limit_per_minute: uploads (``POST /api/v1/predict``) per minute, counted the same way.
+        failed_login_limit_per_minute: failed logins and refused credentials (401) per minute per client
+            IP; past it that IP may not try again until the minute has moved on (0: off).
+        header_timeout: seconds a client has to send a request's headers (slow-header guard).
+        body_timeout: seconds a request body may stall between two reads.
+        max_connections: most open connections; further requests get 503.
+        max_request_pixels: most decoded pixels per request, all images together; checked from the
+            headers before anything is decoded.
+        auth: require a logged-in user (serve/auth.py); ``False`` (``--no-auth``) only for a
+            single-user workstation bound to 127.0.0.1/localhost, every action then by user ``local``.
+        secret_key: key for the CSRF tokens; ``None`` uses ``<db folder>/secret_key`` (created
+            once, mode 0600). Set it as ``HEMATOVISION_SECRET_KEY`` when the db folder is shared.
+        session_hours: how long a browser login lasts.
+        token_days: how long an API token from ``/api/v1/auth/token`` lasts.
+        db_synchronous: SQLite ``synchronous`` for the database: ``FULL`` (default: a stored analysis
+            survives a power loss; an fsync per commit, +0.4 ms per upload on a quiet disk, 8-10 ms on a
+            busy one, see docs/deployment.md), ``NORMAL`` (survives a server crash, not a power loss) or ``EXTRA``.
     """
 
     model: Path | None = None
@@ -62,6 +86,20 @@ class Settings:
     batch_wait_ms: float = 2.0
     confidence_threshold: float | None = None
     gradcam: bool = True
+    allowed_hosts: tuple[str, ...] = ()
+    hsts: bool = False
+    rate_limit_per_minute: int = 1200
+    upload_rate_limit_per_minute: int = 120
+    failed_login_limit_per_minute: int = 10
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 100
+    max_request_pixels: int = 100_000_000
+    auth: bool = True
+    secret_key: str | None = field(default=None, repr=False)  # never in a log line
+    session_hours: float = 12.0
+    token_days: float = 30.0
+    db_synchronous: str = "FULL"
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "onnx", "int8", "torch"):
@@ -71,11 +109,39 @@ class Settings:
                 raise HematoVisionError(f"{name} must be at least 1")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
             raise HematoVisionError("confidence_threshold must be between 0 and 1")
+        for name in ("max_connections", "max_request_pixels"):
+            if getattr(self, name) < 1:
+                raise HematoVisionError(f"{name} must be at least 1")
+        for name in ("rate_limit_per_minute", "upload_rate_limit_per_minute", "failed_login_limit_per_minute"):
+            if getattr(self, name) < 0:
+                raise HematoVisionError(f"{name} must be 0 (off) or more")
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise HematoVisionError("header_timeout and body_timeout must be positive")
+        if not self.auth and self.host not in LOCAL_HOSTS:
+            raise HematoVisionError(f"--no-auth is only for a single-user workstation: it needs --host 127.0.0.1 "
+                                    f"or localhost, not {self.host!r}")
+        if self.session_hours <= 0 or self.token_days <= 0:
+            raise HematoVisionError("session_hours and token_days must be positive")
+        if self.db_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise HematoVisionError(f"db_synchronous must be FULL, NORMAL or EXTRA, not {self.db_synchronous!r}")
 
     @property
     def storage_dir(self) -> Path:
         """Where uploaded images are kept."""
         return self.storage if self.storage is not None else self.db.parent / "images"
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The host names the app answers to: :attr:`allowed_hosts`, or when that is empty
+        ``localhost``, ``127.0.0.1``, ``::1`` and :attr:`host` (unless it is a wildcard address).
+
+        The CSRF Origin check compares against the same list.
+        """
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        local = ("localhost", "127.0.0.1", "::1")
+        extra = () if self.host in ("0.0.0.0", "::", "") or self.host in local else (self.host,)
+        return local + extra
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -107,6 +173,8 @@ def _parse(name: str, type_name: str, raw: str) -> object:
             return int(raw)
         if type_name.startswith("float"):
             return float(raw)
+        if type_name.startswith("tuple"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
     except ValueError:
         raise HematoVisionError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type_name}") from None
     return raw

@@ -1,7 +1,7 @@
 // HematoVision analyse page: upload, show predictions with heat maps, review, differential count.
 "use strict";
 
-const state = { classes: [], analysis: null, files: [] };
+const state = { classes: [], analysis: null, files: [], user: null };
 const $ = (selector) => document.querySelector(selector);
 
 function setStatus(text, isError = false) {
@@ -10,15 +10,11 @@ function setStatus(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-async function api(path, options = {}) {
-  const response = await fetch(path, options);
-  let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON */ }
-  if (!response.ok) {
-    const detail = body && body.detail ? body.detail : `${response.status} ${response.statusText}`;
-    throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
-  }
-  return body;
+const api = hv.api;  // session.js: CSRF header, login redirect, one-line errors
+
+function can(role) {
+  const order = ["technologist", "reviewer", "admin"];
+  return state.user !== null && order.indexOf(state.user.role) >= order.indexOf(role);
 }
 
 function percent(value) { return `${(100 * value).toFixed(1)}%`; }
@@ -68,9 +64,70 @@ function render(analysis) {
     `${analysis.n_reviewed}/${analysis.n_images} reviewed (${analysis.review_status}) · model ${analysis.model}`;
   $("#csv-images").href = `/api/v1/analyses/${analysis.id}/export.csv`;
   $("#csv-diff").href = `/api/v1/analyses/${analysis.id}/export.csv?kind=differential`;
+  renderSignOff(analysis);
   renderDifferential(analysis.differential);
   const grid = $("#results");
   grid.replaceChildren(...analysis.predictions.map(renderCard));
+  loadAudit(analysis.id);
+}
+
+function renderSignOff(analysis) {
+  const text = $("#signoff-state");
+  const button = $("#signoff-button");
+  if (analysis.signed_off_by) {
+    text.className = "signed";
+    text.textContent = `Signed off by ${analysis.signed_off_by} on ${new Date(analysis.signed_off_at).toLocaleString()}` +
+      " · read-only";
+    if (analysis.amended_by) {
+      const amended = document.createElement("span");
+      amended.className = "amended";
+      amended.textContent = ` · amended by ${analysis.amended_by} on ${new Date(analysis.amended_at).toLocaleString()}`;
+      text.appendChild(amended);
+    }
+    button.hidden = true;
+  } else {
+    text.className = "muted";
+    text.textContent = "Not signed off yet" + (can("reviewer") ? "" : " (a reviewer signs off)");
+    button.hidden = !can("reviewer");
+    button.disabled = false;
+  }
+}
+
+async function signOff() {
+  const button = $("#signoff-button");
+  button.disabled = true;
+  try {
+    const analysis = await api(`/api/v1/analyses/${state.analysis.id}/signoff`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ expected_version: state.analysis.version }),
+    });
+    state.analysis = analysis;
+    render(analysis);
+    setStatus(`Signed off analysis #${analysis.id}.`);
+  } catch (error) {
+    setStatus(`Not signed off: ${error.message}`, true);
+    button.disabled = false;
+  }
+}
+
+async function loadAudit(id) {
+  try {
+    const rows = await api(`/api/v1/analyses/${encodeURIComponent(id)}/audit`);
+    const body = $("#audit-table tbody");
+    body.replaceChildren(...rows.map((row) => {
+      const tr = document.createElement("tr");
+      for (const text of [row.at.replace("T", " ").slice(0, 19), row.user, row.action, row.detail, row.client || ""]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        tr.appendChild(cell);
+      }
+      return tr;
+    }));
+    $("#audit").hidden = false;
+  } catch (error) {
+    setStatus(`Audit trail not loaded: ${error.message}`, true);
+  }
 }
 
 function renderDifferential(diff) {
@@ -153,10 +210,16 @@ function renderCard(prediction) {
   }
   select.value = prediction.final_label;
   const button = card.querySelector(".confirm");
-  const updateButton = () => { button.textContent = select.value === prediction.label ? "Confirm" : "Correct"; };
+  // Signed off: read-only, except that an admin may amend (with a reason, audited).
+  const signed = Boolean(state.analysis && state.analysis.signed_off_by);
+  const amend = signed && can("admin");
+  const updateButton = () => {
+    button.textContent = amend ? "Amend" : select.value === prediction.label ? "Confirm" : "Correct";
+  };
   select.addEventListener("change", updateButton);
   updateButton();
-  button.addEventListener("click", () => review(prediction.id, select.value, button));
+  select.disabled = button.disabled = signed && !amend;
+  button.addEventListener("click", () => review(prediction.id, select.value, button, amend));
   const reviewed = card.querySelector(".reviewed");
   if (prediction.reviewed_label) {
     reviewed.textContent = `Reviewed as ${prediction.reviewed_label} by ${prediction.reviewer}`;
@@ -165,20 +228,27 @@ function renderCard(prediction) {
   return card;
 }
 
-async function review(predictionId, label, button) {
-  const reviewer = $("#reviewer").value.trim() || "anonymous";
-  localStorage.setItem("hv-reviewer", reviewer);
+async function review(predictionId, label, button, amend = false) {
+  const change = { labels: [{ prediction_id: predictionId, label }], expected_version: state.analysis.version };
+  if (amend) {
+    const reason = prompt("Reason for amending the signed-off result (recorded in the audit trail):");
+    if (!reason || reason.trim().length < 3) { setStatus("Not amended: a reason is needed.", true); return; }
+    change.reason = reason.trim();
+  }
   button.disabled = true;
   try {
-    const analysis = await api(`/api/v1/analyses/${state.analysis.id}/review`, {
+    const analysis = await api(`/api/v1/analyses/${state.analysis.id}/${amend ? "amend" : "review"}`, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ reviewer, labels: [{ prediction_id: predictionId, label }] }),
+      body: JSON.stringify(change),
     });
     state.analysis = analysis;
     render(analysis);
-    setStatus(`Saved: image ${predictionId} reviewed as ${label}.`);
+    setStatus(`Saved: image ${predictionId} ${amend ? "amended to" : "reviewed as"} ${label}.`);
   } catch (error) {
+    if (error.status === 409) {  // changed by someone else meanwhile, or signed off: show what is there now
+      await loadAnalysis(state.analysis.id);
+    }
     setStatus(`Review not saved: ${error.message}`, true);
     button.disabled = false;
   }
@@ -200,7 +270,12 @@ async function init() {
   }
   dropzone.addEventListener("drop", (event) => { event.preventDefault(); chooseFiles(event.dataTransfer.files); });
   $("#analyse").addEventListener("click", analyse);
-  $("#reviewer").value = localStorage.getItem("hv-reviewer") || "";
+  $("#signoff-button").addEventListener("click", signOff);
+  try {
+    state.user = await hv.me();
+  } catch (error) {
+    return;  // hv.api sends the browser to the login page
+  }
   try {
     const model = await api("/api/v1/model");
     state.classes = model.class_names;

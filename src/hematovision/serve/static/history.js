@@ -11,9 +11,13 @@ async function load() {
   const status = $("#status-filter").value;
   if (query) params.set("q", query);
   if (status) params.set("status", status);
-  const response = await fetch(`/api/v1/analyses?${params}`);
-  const body = await response.json();
-  if (!response.ok) { $("#page-info").textContent = body.detail || "error"; return; }
+  let body;
+  try {
+    body = await hv.api(`/api/v1/analyses?${params}`);
+  } catch (error) {
+    $("#page-info").textContent = error.message;
+    return;
+  }
   view.total = body.total;
   const rows = body.items.map((item) => {
     const row = document.createElement("tr");
@@ -23,8 +27,11 @@ async function load() {
     const badge = document.createElement("span");
     badge.className = `badge ${item.review_status}`;
     badge.textContent = `${item.review_status} (${item.n_reviewed}/${item.n_images})`;
+    const signed = item.signed_off_by
+      ? `${item.signed_off_by}, ${new Date(item.signed_off_at).toLocaleString()}${item.amended_by ? " (amended)" : ""}`
+      : "—";
     const cells = [String(item.id), new Date(item.created_at).toLocaleString(), item.sample || "—",
-                   String(item.n_images), String(item.n_needs_review), badge, link];
+                   String(item.n_images), String(item.n_needs_review), badge, signed, link];
     for (const content of cells) {
       const cell = document.createElement("td");
       if (typeof content === "string") cell.textContent = content; else cell.appendChild(content);
@@ -44,4 +51,5 @@ $("#search-form").addEventListener("submit", (event) => { event.preventDefault()
 $("#status-filter").addEventListener("change", () => { view.page = 1; load(); });
 $("#prev").addEventListener("click", () => { view.page -= 1; load(); });
 $("#next").addEventListener("click", () => { view.page += 1; load(); });
+hv.me().catch(() => { /* hv.api sends the browser to the login page */ });
 load();
