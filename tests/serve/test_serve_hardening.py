@@ -345,7 +345,7 @@ def test_wrong_review_requests(shared_client: TestClient) -> None:
                                                      "reviewer": "Dr. Chief", **v0}), 422, "reviewer")
     foreign = second["results"][0]["id"]
     assert_clean_error(shared_client.post(url, json={"labels": [{"prediction_id": foreign, "label": "monocyte"}],
-                                                     **v0}), 422, "not part of analysis")
+                                                     **v0}), 404, "not part of analysis")
     assert_clean_error(shared_client.post(url, content=b"{not json", headers={"content-type": "application/json"}),
                        422)
     assert_clean_error(shared_client.post("/api/v1/analyses/999999/review",

@@ -124,7 +124,7 @@ def test_database_review_rules(tmp_path: Path) -> None:
     with pytest.raises(ReviewError):
         db.review(first, {ids[0]: "platelet"}, "c", allowed)
     other = db.get_analysis(second)["predictions"][0]["id"]
-    with pytest.raises(ReviewError):
+    with pytest.raises(NotFoundError):  # a prediction of another analysis: nothing of that id here (404)
         db.review(first, {other: "monocyte"}, "c", allowed)
     with pytest.raises(NotFoundError):
         db.review(999, {ids[0]: "monocyte"}, "c", allowed)

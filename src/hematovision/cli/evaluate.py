@@ -18,6 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--split", help="a part of the run's own split.csv instead, e.g. test")
     evaluate.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<name>)")
     evaluate.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
+    evaluate.add_argument("--backend", choices=["torch", "onnx", "int8"],
+                          help="runtime (default: ONNX Runtime when the run has an up-to-date model.onnx, else torch)")
+    evaluate.add_argument("--workers", type=int, help="image-decoding threads (default: half the CPU cores)")
+    evaluate.add_argument("--batch-size", type=int, default=32,
+                          help="images per forward pass (lower it to lower peak memory; default 32)")
     return evaluate
 
 
@@ -25,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, then print the headline metrics and the classes left out."""
     from hematovision.evaluate.external import evaluate_folder, evaluate_split
 
+    streaming = {"backend": args.backend or "auto", "workers": args.workers, "batch_size": args.batch_size}
     if args.data is not None:
-        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta)
+        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta, **streaming)
     else:
-        metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta)
+        metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta, **streaming)
     print(summary_line(str(args.data or f"{args.split} split"), metrics))
     for name, row in metrics.get("per_source", {}).items():
         print("  " + summary_line(name, row))

@@ -13,7 +13,7 @@ from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy, current_policy
-from hematovision.infer.runtime import LogitsAndFeatures, view_logits
+from hematovision.infer.runtime import Forward, LogitsAndFeatures, onnx_forward, onnx_session, view_logits
 from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_run
 
@@ -50,14 +50,35 @@ class Predictor:
         self._with_features = LogitsAndFeatures(self.model, self.views) if self.shift is not None else None
         # The review policy of `hematovision export` (or `adapt`), when fitted for these weights.
         self.policy: ReviewPolicy | None = None
+        # Set by use_onnx(): ONNX Runtime scores the images instead of `model` (same two outputs).
+        self.backend = "torch"
+        self._onnx: Forward | None = None
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, views: int | None = None) -> Predictor:
-        """Load a run folder; its weights are checked against the card's sha256."""
+    def from_run_dir(cls, run_dir: str | Path, views: int | None = None, backend: str = "torch") -> Predictor:
+        """Load a run folder; its weights are checked against the card's sha256.
+
+        Args:
+            backend: ``torch``, ``onnx`` (``model.onnx``), ``int8`` (``model.int8.onnx``) or ``auto``
+                (ONNX when the run has an up-to-date export); see :mod:`hematovision.infer.backend`.
+        """
+        from hematovision.infer.backend import resolve_backend
+
         card, model = load_run(run_dir)
         predictor = cls(model, card, views)
         predictor.policy = current_policy(run_dir, card.weights_sha256, predictor.views)
+        name, path = resolve_backend(run_dir, predictor.views, backend)
+        if path is not None:
+            predictor.use_onnx(path, name)
         return predictor
+
+    def use_onnx(self, path: str | Path, name: str = "onnx") -> None:
+        """Score images with ONNX Runtime from ``path`` (exported with this run's views) instead of PyTorch.
+
+        The session gets as many intra-op threads as PyTorch has (``torch.get_num_threads()``).
+        """
+        self._onnx = onnx_forward(onnx_session(path, torch.get_num_threads()), self.prep)
+        self.backend = name
 
     def preprocess(self, images: Sequence[np.ndarray], prepared: bool = False) -> torch.Tensor:
         """RGB uint8 images of any size → normalised (N, 3, S, S) tensor.
@@ -81,6 +102,16 @@ class Predictor:
             self._with_features = LogitsAndFeatures(self.model, self.views)
         outputs, kept = [], []
         for i in range(0, len(images), batch_size):
+            if self._onnx is not None:  # the exported graph has the views and both outputs
+                chunk = images[i : i + batch_size]
+                pixels = np.stack(list(chunk) if prepared else [self.prep.prepare(image) for image in chunk])
+                logits_np, features_np = self._onnx(pixels)
+                if self.shift is not None:
+                    self.shift.update(features_np)
+                if keep_features:
+                    kept.append(features_np)
+                outputs.append(logits_np)
+                continue
             batch = self.preprocess(images[i : i + batch_size], prepared)
             if self._with_features is not None:
                 logits, features = self._with_features(batch)

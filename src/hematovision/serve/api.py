@@ -201,17 +201,36 @@ public_router = APIRouter()  # only /health: a load balancer's probe has no cred
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["files"],
-            "properties": {
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "images (JPEG, PNG, GIF, BMP, TIFF, WebP) or zips of images"},
-                "sample": {"type": "string", "maxLength": 200, "description": "optional sample/slide name"},
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "minItems": 1,
+                              "items": {"type": "string", "format": "binary", "minLength": 1},
+                              "description": "images (JPEG, PNG, GIF, BMP, TIFF, WebP) or zips of images; the type "
+                                             "is judged by the content (415 otherwise), not by the part's type"},
+                    "sample": {"type": "string", "maxLength": TEXT_FIELDS["sample"],
+                               "description": "optional sample/slide name"},
+                },
+                "additionalProperties": False,  # any other field is refused (422)
             },
-        }}},
+            "encoding": {"files": {
+                "contentType": ", ".join([*MEDIA_TYPES.values(), "application/zip"]),
+                # A part without a filename is a text field to the multipart parser, refused with 422.
+                "headers": {"Content-Disposition": {
+                    "required": True, "description": "each part is a file upload, with a filename",
+                    "schema": {"type": "string", "example": 'form-data; name="files"; filename="cell.png"'}}},
+            }},
+        }},
     }
 }
+# A route's own error codes; serve/contract.py adds those of the app's wiring and the ErrorOut schema to all.
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such analysis"}}
+_NOT_FOUND_LABELS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such analysis, or a prediction_id that is not part of it"}}
+_NO_PREDICTION: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such prediction, or its image is no longer stored"}}
 
 
 @public_router.get("/health", response_model=Health, tags=["service"])
@@ -228,7 +247,12 @@ def model_card(state: State) -> dict[str, Any]:
     return state.engine.describe()
 
 
-@router.post("/api/v1/predict", response_model=PredictResponse, tags=["predict"], openapi_extra=_UPLOAD_SCHEMA)
+@router.post("/api/v1/predict", response_model=PredictResponse, tags=["predict"], openapi_extra=_UPLOAD_SCHEMA,
+             responses={400: {"description": "no file, an empty file, a malformed multipart body or a damaged image"},
+                        413: {"description": "too many files, or a file, zip or image over the server's limits"},
+                        415: {"description": "not multipart/form-data, or a file that is neither an image nor a zip"},
+                        422: {"description": "a field other than 'files' and 'sample', or 'sample' too long"},
+                        503: {"description": "the model gave a non-finite output: nothing was stored"}})
 async def predict(request: Request, state: State, user: CurrentUser) -> dict[str, Any]:
     """Classify one or more images (multipart parts named ``files``; zips are unpacked).
 
@@ -268,7 +292,7 @@ def list_analyses(
     return {"items": items, "total": total, "page": page, "page_size": page_size}
 
 
-@router.get("/api/v1/analyses/{analysis_id}", response_model=AnalysisOut, tags=["analyses"])
+@router.get("/api/v1/analyses/{analysis_id}", response_model=AnalysisOut, tags=["analyses"], responses=_NOT_FOUND)
 def get_analysis(analysis_id: RowId, state: State, user: CurrentUser, request: Request) -> dict[str, Any]:
     """One analysis with every prediction, its review, sign-off and the differential count (audited as a view)."""
     analysis = state.db.get_analysis(analysis_id)
@@ -277,7 +301,8 @@ def get_analysis(analysis_id: RowId, state: State, user: CurrentUser, request: R
 
 
 @router.post("/api/v1/analyses/{analysis_id}/review", response_model=AnalysisOut, tags=["analyses"],
-             responses={409: {"description": "the analysis changed since expected_version, or is signed off"}})
+             responses={**_NOT_FOUND_LABELS,
+                        409: {"description": "the analysis changed since expected_version, or is signed off"}})
 def review_analysis(analysis_id: RowId, review: ReviewRequest, state: State, user: CurrentUser,
                     request: Request) -> dict[str, Any]:
     """Confirm (send the predicted label) or correct (send another) the labels of some images, as the logged-in user.
@@ -289,7 +314,7 @@ def review_analysis(analysis_id: RowId, review: ReviewRequest, state: State, use
 
 
 @router.post("/api/v1/analyses/{analysis_id}/signoff", response_model=AnalysisOut, tags=["analyses"],
-             responses={403: {"description": "the user is a technologist"},
+             responses={403: {"description": "the user is a technologist"}, **_NOT_FOUND,
                         409: {"description": "changed since expected_version, already signed off, or flagged "
                                              "images not reviewed yet"}})
 def sign_off_analysis(analysis_id: RowId, body: SignOffRequest, state: State, user: Reviewer,
@@ -304,7 +329,7 @@ def sign_off_analysis(analysis_id: RowId, body: SignOffRequest, state: State, us
 
 
 @router.post("/api/v1/analyses/{analysis_id}/amend", response_model=AnalysisOut, tags=["analyses"],
-             responses={403: {"description": "the user is not an admin"},
+             responses={403: {"description": "the user is not an admin"}, **_NOT_FOUND_LABELS,
                         409: {"description": "changed since expected_version, or not signed off"}})
 def amend_analysis(analysis_id: RowId, amendment: AmendRequest, state: State, user: Admin,
                    request: Request) -> dict[str, Any]:
@@ -340,7 +365,8 @@ def delete_analysis_route(analysis_id: RowId, state: State, user: Admin, request
             "files": deleted.files}
 
 
-@router.get("/api/v1/analyses/{analysis_id}/audit", response_model=list[AuditOut], tags=["analyses"])
+@router.get("/api/v1/analyses/{analysis_id}/audit", response_model=list[AuditOut], tags=["analyses"],
+            responses=_NOT_FOUND)
 def analysis_audit(analysis_id: RowId, state: State) -> list[dict[str, Any]]:
     """The audit trail of one analysis, oldest first: who viewed, reviewed, signed off, amended or exported it."""
     state.db.get_analysis(analysis_id)  # 404 for an analysis that does not exist
@@ -348,7 +374,7 @@ def analysis_audit(analysis_id: RowId, state: State) -> list[dict[str, Any]]:
 
 
 @router.get("/api/v1/analyses/{analysis_id}/export.csv", tags=["analyses"],
-            response_class=Response, responses={200: {"content": {"text/csv": {}}}})
+            response_class=Response, responses={200: {"content": {"text/csv": {}}}, **_NOT_FOUND})
 def export_csv(analysis_id: RowId, state: State, user: CurrentUser, request: Request,
                kind: Literal["images", "differential"] = "images") -> Response:
     """The analysis as CSV: one row per image (``kind=images``) or the differential count (audited)."""
@@ -381,7 +407,7 @@ def export_csv(analysis_id: RowId, state: State, user: CurrentUser, request: Req
 
 
 @router.get("/api/v1/predictions/{prediction_id}/image", tags=["analyses"], response_class=Response,
-            responses={200: {"content": {"image/*": {}}}})
+            responses={200: {"content": {"image/*": {}}}, **_NO_PREDICTION})
 def prediction_image(prediction_id: RowId, state: State) -> Response:
     """The stored image of one prediction."""
     prediction = state.db.get_prediction(prediction_id)
@@ -394,7 +420,9 @@ def prediction_image(prediction_id: RowId, state: State) -> Response:
 
 
 @router.get("/api/v1/predictions/{prediction_id}/heatmap.png", tags=["analyses"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}}})
+            responses={200: {"content": {"image/png": {}}},
+                       404: {"description": "no such prediction, its image is no longer stored, or Grad-CAM is off"},
+                       422: {"description": "an invalid prediction id, or a label the model does not have"}})
 def prediction_heatmap(prediction_id: RowId, state: State, label: str | None = None) -> Response:
     """Grad-CAM overlay: where the model looked for ``label`` (default: the predicted class)."""
     from PIL import Image

@@ -25,7 +25,8 @@ from hematovision.serve import login
 from hematovision.serve.api import AppState, public_router, router
 from hematovision.serve.auth import LoginRequired, install_auth, login_redirect_url, page_user
 from hematovision.serve.batching import MicroBatcher
-from hematovision.serve.db import ConflictError, Database, NotFoundError, ReviewError
+from hematovision.serve.contract import allowed_methods, install_contract
+from hematovision.serve.db import EXCLUDED, ConflictError, Database, NotFoundError, ReviewError
 from hematovision.serve.engine import Engine, PredictorLike, load_engine
 from hematovision.serve.protect import inline_script_policy, install_protections
 from hematovision.serve.settings import Settings
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None, predictor: PredictorLike | None
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     _add_docs(app)
+    # The document says what the server does: every status code, one error model (serve/contract.py).
+    install_contract(app, engine.class_names, [*engine.class_names, EXCLUDED])
 
     # The pages need a login too; a browser without one is sent to /login (API routes answer 401 instead).
     @app.get("/", include_in_schema=False, dependencies=[Depends(page_user)])
@@ -164,7 +167,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, HTTPException)
-        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+        headers = error.headers
+        if error.status_code == 405:  # every method of the resource, not only those of the first route matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(_request))}
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=headers)
 
     async def server_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path, exc_info=error)

@@ -130,7 +130,7 @@ class SignedOffError(ConflictError):
 
 
 class ReviewError(HematoVisionError, ValueError):
-    """A review names a prediction that is not part of the analysis, or an unknown label."""
+    """A review names an unknown label."""
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,9 @@ class Database:
 
         Raises:
             NotFoundError: no such analysis.
-            ReviewError: an unknown label or a prediction of another analysis.
+            ReviewError: an unknown label.
+            NotFoundError: no such analysis, or a prediction that is not part of it (a schema-valid id that
+                names nothing here, like an unknown path id: 404, not 422).
             ConflictError: ``expected_version`` is not the current version.
             SignedOffError: a review of a signed-off analysis, or an amendment of one not signed off.
         """
@@ -388,7 +390,7 @@ class Database:
             }
             foreign = sorted(set(labels) - set(current))
             if foreign:
-                raise ReviewError(f"prediction(s) {foreign} are not part of analysis {analysis_id}")
+                raise NotFoundError(f"prediction(s) {foreign} are not part of analysis {analysis_id}")
             for prediction_id, label in labels.items():
                 connection.execute(
                     "UPDATE predictions SET reviewed_label = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
