@@ -36,3 +36,25 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("../shared/data is not present on this machine")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder from `hematovision train` (tiny_cnn fine-tuned one epoch on ``synthetic_dataset``, 32 px).
+
+    Shared by the whole session: tests that change a run work on a copy. (tests/serve has its own
+    ``tiny_run``, a two-class run for the real-server tests.)
+    """
+    from hematovision.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "finetune", "--backbone",
+                     "tiny_cnn", "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+                     "--seed", "1"])
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0
+    return out

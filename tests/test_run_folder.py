@@ -32,16 +32,6 @@ from hematovision.run import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    torch.set_num_threads(1)
-    code = main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "finetune", "--backbone",
-                 "tiny_cnn", "--no-pretrained", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--seed", "1"])
-    assert code == 0
-    return out
-
-
 @pytest.fixture()
 def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
     copy_dir = tmp_path / "run"

@@ -13,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from server_process import wait_until_healthy
 
 pytestmark = pytest.mark.browser
 
@@ -71,17 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                                stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    wait_until_healthy(process, base, log, timeout=120)
     yield base, folder
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)

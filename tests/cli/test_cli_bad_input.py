@@ -35,14 +35,6 @@ SHOWN_BAD_NAME = "bad\\xff\\xfename.png"
 ZTXT_REASON = "a PNG text chunk (metadata) decompresses to more than Pillow's 1 MB safety limit"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    torch.set_num_threads(1)
-    code = main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "finetune", "--backbone",
-                 "tiny_cnn", "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--seed", "1"])
-    assert code == 0
-    return out
 
 
 def fake_predictor() -> SimpleNamespace:

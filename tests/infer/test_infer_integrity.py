@@ -31,14 +31,6 @@ pytest.importorskip("fastapi")
 NAN_TOKEN = re.compile(r"(?<![A-Za-z])nan(?![A-Za-z])")  # "confidence nan"; "NaN" in an error message is fine
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    torch.set_num_threads(1)
-    code = main(["train", "--data", str(synthetic_dataset), "--out", str(out), "--mode", "finetune", "--backbone",
-                 "tiny_cnn", "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--seed", "1"])
-    assert code == 0
-    return out
 
 
 def _card(run: Path) -> dict:

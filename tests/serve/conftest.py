@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from hematovision.serve import users
@@ -16,3 +19,29 @@ def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
     argon2 = pytest.importorskip("argon2")
     cheap = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
     monkeypatch.setattr(users, "password_hasher", lambda: cheap)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder from `hematovision train` (tiny_cnn, one epoch, 32 px, synthetic images), for the
+    tests that start a real server; made once per test session (the servers only read it)."""
+    import torch
+    from PIL import Image
+
+    from hematovision.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    rng = np.random.default_rng(0)
+    for name in ("lymphocyte", "neutrophil"):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only add contention
+    try:
+        code = main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--mode", "finetune",
+                     "--backbone", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--no-pretrained"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return root / "run"

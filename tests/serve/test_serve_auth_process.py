@@ -16,7 +16,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("argon2")
 
 # The run folder, port and start-up helpers of the kill -9 test (tests/serve is on sys.path).
-from test_serve_process import free_port, png, pytestmark, start, tiny_run  # noqa: F401
+from server_process import free_port
+from test_serve_process import png, pytestmark, start  # noqa: F401
 
 PASSWORD = "process password"
 
@@ -26,7 +27,7 @@ def hv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]
                           timeout=120)
 
 
-def test_login_and_tokens_on_a_real_server(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_login_and_tokens_on_a_real_server(tiny_run: Path, tmp_path: Path) -> None:
     db, port, log = tmp_path / "hv.db", free_port(), tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     server = start([sys.executable, "-m", "hematovision", "serve", "--model", str(tiny_run), "--port", str(port),
@@ -85,7 +86,7 @@ def test_login_and_tokens_on_a_real_server(tiny_run: Path, tmp_path: Path) -> No
         ("tina", "login_failed"), ("tina", "login"), ("tina", "upload"), ("admin", "token")]
 
 
-def test_no_auth_is_refused_off_localhost(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_no_auth_is_refused_off_localhost(tiny_run: Path, tmp_path: Path) -> None:
     refused = hv("serve", "--model", str(tiny_run), "--no-auth", "--host", "0.0.0.0", "--db", str(tmp_path / "hv.db"))
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--no-auth" in refused.stderr and "Traceback" not in refused.stderr

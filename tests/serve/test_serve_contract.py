@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from auth_helpers import authorize  # tests/serve is on sys.path (no __init__.py)
 from fastapi.testclient import TestClient
 from PIL import Image
+from server_process import free_port
 from test_serve_api import fake_predictor
 
 from hematovision.data.classes import WBC5
@@ -132,34 +132,8 @@ def test_method_not_allowed_lists_every_method_of_the_resource(client: TestClien
 
 # ---- schemathesis against a real server ----
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder from `hematovision train` (tiny_cnn, one epoch, 32 px, synthetic images)."""
-    import torch
-
-    from hematovision.cli import main
-
-    root = tmp_path_factory.mktemp("contract_run")
-    rng = np.random.default_rng(0)
-    for name in ("lymphocyte", "neutrophil"):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--mode", "finetune",
-                     "--backbone", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--no-pretrained"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    return root / "run"
 
 
 def run_schemathesis(run: Path, folder: Path, examples: int) -> tuple[subprocess.CompletedProcess[str], Path, set[str]]:

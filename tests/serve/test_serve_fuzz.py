@@ -13,7 +13,6 @@ import importlib.util
 import os
 import random
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from server_process import free_port
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 import fuzz_corpus  # tests/serve is on sys.path: pytest puts a test file's folder there (no __init__.py)
 from fuzz_corpus import FuzzCase, Outcome
-from PIL import Image
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("hematovision.predict") is None,
                                 reason="hematovision.predict (the foundation's Predictor) is not present")
@@ -45,10 +43,6 @@ PUBLIC_API = "/api/v1/auth/token"  # the one API route that needs no user (it is
 UNAUTHENTICATED_EVERY = 10  # with login on, every 10th API case also goes out without a token / with a bad one
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -79,28 +73,6 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder from `hematovision train` (tiny_cnn, one epoch, 32 px, synthetic images)."""
-    import torch
-
-    from hematovision.cli import main
-
-    root = tmp_path_factory.mktemp("fuzz_run")
-    rng = np.random.default_rng(0)
-    for name in ("lymphocyte", "neutrophil"):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--mode", "finetune",
-                     "--backbone", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--no-pretrained"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    return root / "run"
 
 
 @contextmanager

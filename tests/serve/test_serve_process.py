@@ -6,7 +6,6 @@ import importlib.util
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_process import free_port
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -23,10 +23,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("hematovision.predict")
                                 reason="hematovision.predict (the foundation's Predictor) is not present")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -51,29 +47,6 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder from `hematovision train` (tiny_cnn, one epoch, synthetic images)."""
-    import torch
-
-    from hematovision.cli import main
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    rng = np.random.default_rng(0)
-    for name in ("lymphocyte", "neutrophil"):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
-    run = root / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only add contention
-    try:
-        code = main(["train", "--data", str(root / "data"), "--out", str(run), "--mode", "finetune", "--backbone",
-                     "tiny_cnn", "--epochs", "1", "--image-size", "32", "--no-pretrained"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    return run
 
 
 def test_serve_command_survives_kill_9_without_losing_commits(tiny_run: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_process import free_port, wait_until_healthy
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -30,34 +31,8 @@ MAX_CONNECTIONS = 6
 RATE_LIMIT = 40
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder from `hematovision train` (tiny_cnn, one epoch, synthetic images)."""
-    import torch
-
-    from hematovision.cli import main
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    rng = np.random.default_rng(0)
-    for name in ("lymphocyte", "neutrophil"):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--mode", "finetune",
-                     "--backbone", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--no-pretrained"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +47,7 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    wait_until_healthy(process, base, log, timeout=180)
     yield base, port, log
     process.terminate()
     process.wait(timeout=30)

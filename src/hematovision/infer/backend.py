@@ -40,11 +40,18 @@ def stale_exports(run_dir: str | Path, views: int) -> set[str]:
         except ValueError:
             recorded = None
         if not isinstance(recorded, dict):
+            log.warning("%s is not valid JSON; ignoring the %s (run `hematovision export RUN` again)", name, kind)
             stale.add(kind)
             continue
         sha = recorded.get("source_sha256")
         recorded_views = (recorded.get("onnx") or {}).get("views", 1) if kind == "onnx" else recorded.get("views", 1)
-        if (sha and sha != current) or recorded_views != views:
+        if sha and sha != current:
+            log.warning("%s was written for other weights than %s/%s; ignoring the %s "
+                        "(run `hematovision export RUN` again)", name, run_dir, MODEL_FILE, kind)
+            stale.add(kind)
+        elif recorded_views != views:
+            log.warning("%s was made with %s test-time view(s), the run uses %d; ignoring the %s "
+                        "(run `hematovision export RUN` again)", name, recorded_views, views, kind)
             stale.add(kind)
     return stale
 

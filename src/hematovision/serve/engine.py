@@ -25,7 +25,7 @@ from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
 from hematovision.infer.shift import LabShift, ShiftReference
-from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, POLICY_FILE
+from hematovision.run import INT8_FILE, ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -141,37 +141,9 @@ class Engine:
 
     def _stale_exports(self) -> set[str]:
         """Which exported files (``onnx``, ``policy``) were made from other weights or other views."""
-        import json
+        from hematovision.infer.backend import stale_exports
 
-        from hematovision._io import sha256_file
-
-        if self.run_dir is None or not (self.run_dir / MODEL_FILE).is_file():
-            return set()
-        current = sha256_file(self.run_dir / MODEL_FILE)
-        stale = set()
-        for kind, name in (("onnx", EXPORT_FILE), ("policy", POLICY_FILE)):
-            path = self.run_dir / name
-            if not path.is_file():
-                continue
-            try:
-                recorded = json.loads(path.read_text())
-            except ValueError:
-                recorded = None
-            if not isinstance(recorded, dict):
-                log.warning("%s is not valid JSON; ignoring the %s (run `hematovision export RUN` again)", name, kind)
-                stale.add(kind)
-                continue
-            sha = recorded.get("source_sha256")
-            views = (recorded.get("onnx") or {}).get("views", 1) if kind == "onnx" else recorded.get("views", 1)
-            if sha and sha != current:
-                log.warning("%s was written for other weights than %s/%s; ignoring the %s "
-                            "(run `hematovision export RUN` again)", name, self.run_dir, MODEL_FILE, kind)
-                stale.add(kind)
-            elif views != self.views:
-                log.warning("%s was made with %s test-time view(s), the run uses %d; ignoring the %s "
-                            "(run `hematovision export RUN` again)", name, views, self.views, kind)
-                stale.add(kind)
-        return stale
+        return stale_exports(self.run_dir, self.views) if self.run_dir is not None else set()
 
     def _check(self) -> None:
         # One pass at start-up: it warms the backend (the first request is not the slow one) and
