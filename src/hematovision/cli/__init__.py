@@ -32,6 +32,7 @@ from hematovision.cli import (
     users,
 )
 from hematovision.errors import HematoVisionError
+from hematovision.threads import configure as configure_threads
 
 # In the order ``hematovision --help`` lists them.
 COMMANDS = (data, models, train, evaluate, adapt, predict, bench, segment, count, gan, export, serve, users, audit, db)
@@ -61,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Before any command imports torch: OpenMP and BLAS read their thread settings once, on load.
+    threads = configure_threads()
+    if threads is not None:
+        logging.getLogger(__name__).debug("CPU threads: %d (idle cores at start; HEMATOVISION_THREADS=N fixes it)",
+                                          threads)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
