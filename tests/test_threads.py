@@ -38,6 +38,19 @@ def test_the_users_settings_win_and_torch_already_loaded_changes_nothing() -> No
     def run(env: str) -> str:
         return subprocess.run([sys.executable, "-c", script % env], capture_output=True, text=True,
                               check=True).stdout.split()
-    assert run("'OMP_NUM_THREADS': '3'") == ["None", "3", "PASSIVE", "False"]
-    assert run("'HEMATOVISION_THREADS': '1'") == ["1", "1", "PASSIVE", "False"]
+    assert run("'OMP_NUM_THREADS': '3'") == ["None", "3", "None", "False"]
+    assert run("'HEMATOVISION_THREADS': '1'") == ["1", "1", "None", "False"]
     assert run("'OMP_WAIT_POLICY': 'ACTIVE', 'HEMATOVISION_THREADS': '2'") == ["2", "2", "ACTIVE", "False"]
+
+
+def test_other_work_means_fewer_threads_that_sleep_when_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh process: torch not loaded yet
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.0)
+    busy: dict[str, str] = {}
+    assert threads.configure(busy) == 1
+    assert busy["OMP_NUM_THREADS"] == busy["MKL_NUM_THREADS"] == "1" and busy["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.1)
+    quiet: dict[str, str] = {}
+    assert threads.configure(quiet) == 2
+    assert quiet["OMP_NUM_THREADS"] == "2" and "OMP_WAIT_POLICY" not in quiet  # spinning is faster when alone

@@ -3,13 +3,15 @@
 OpenMP (PyTorch's intra-op pool) and BLAS read their settings when they load, so this runs before
 the first ``import torch`` and only writes environment variables a user has not set:
 
-* ``OMP_WAIT_POLICY=PASSIVE``: a thread that waits at a barrier sleeps instead of spinning. With
-  spinning threads, a second busy program makes every parallel step wait for a thread that is not
-  scheduled; a fine-tuning step measured 0.6 s alone and 17-20 s beside three other programs.
 * ``OMP_NUM_THREADS`` (and the BLAS equivalents): the cores that are idle right now, measured from
   ``/proc/stat`` over a quarter of a second, at least one. A parallel step is only as fast as its
   slowest thread, so two threads on two cores, one of them shared, run at the speed of the shared
   one; one thread on the free core is faster.
+* ``OMP_WAIT_POLICY=PASSIVE`` when other work is running: a thread that waits at a barrier sleeps
+  instead of spinning, so the threads left do not fight the other programs for their cores (a
+  fine-tuning step measured 0.6 s alone and 17-20 s beside three other programs with spinning
+  threads). On a quiet machine the default (spin, then sleep) is kept: sleeping threads made small
+  fine-tuning steps 35 % slower there (``benchmarks/busy_machine.py``).
 
 ``HEMATOVISION_THREADS=N`` fixes the count (``auto`` or unset: measured); explicit ``--threads``
 options of single commands still win, since they call ``torch.set_num_threads`` themselves.
@@ -72,7 +74,6 @@ def configure(environ: MutableMapping[str, str] | None = None) -> int | None:
         environ = os.environ
     if "torch" in sys.modules:
         return None
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if any(name in environ for name in THREAD_VARIABLES):
         return None  # the user chose
     requested = environ.get("HEMATOVISION_THREADS", "auto").strip().lower()
@@ -84,6 +85,8 @@ def configure(environ: MutableMapping[str, str] | None = None) -> int | None:
             threads = cores
     else:
         threads = choose_threads(cores, busy_cores())
+        if threads < cores:  # other work is running
+            environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in THREAD_VARIABLES:
         environ[name] = str(threads)
     return threads
