@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from hematovision.data.folder import label_indices, load_images
     from hematovision.export.calibrate import read_run_split
     from hematovision.export.quantize import compare_accuracy, measure_throughput, meets_targets, quantize_int8
+    from hematovision.infer.exported import onnx_session
     from hematovision.infer.predictor import Predictor
-    from hematovision.infer.runtime import onnx_session
 
     predictor = Predictor.from_run_dir(args.run_dir)
     prep = predictor.prep

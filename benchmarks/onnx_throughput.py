@@ -76,7 +76,7 @@ def main() -> int:
 
     from hematovision.data.transforms import normalize
     from hematovision.export.onnx import export_onnx
-    from hematovision.infer.runtime import onnx_session
+    from hematovision.infer.exported import onnx_session
 
     torch.set_num_threads(args.threads)
     predictor, run_dir = load(args)

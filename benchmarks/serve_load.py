@@ -145,7 +145,8 @@ NO_RATE_LIMITS = {"HEMATOVISION_RATE_LIMIT_PER_MINUTE": "0", "HEMATOVISION_UPLOA
                   "HEMATOVISION_FAILED_LOGIN_LIMIT_PER_MINUTE": "0"}
 
 
-def start_server(args: argparse.Namespace, work: Path, auth: bool) -> tuple[subprocess.Popen, str, Path]:
+def start_server(args: argparse.Namespace, work: Path, auth: bool,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, Path]:
     """Start a server (with a ``bench`` technologist when ``auth``); wait for /health; (process, base, log)."""
     import httpx
 
@@ -154,7 +155,7 @@ def start_server(args: argparse.Namespace, work: Path, auth: bool) -> tuple[subp
     name = "auth" if auth else "no_auth"
     db = work / f"{name}.db"
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": "2", **NO_RATE_LIMITS,
-           "HEMATOVISION_AUTH": "1" if auth else "0"}
+           "HEMATOVISION_AUTH": "1" if auth else "0", **(extra_env or {})}
     if auth:
         subprocess.run([sys.executable, "-m", "hematovision", "users", "add", "bench", "--role", "technologist",
                         "--db", str(db), "--password-stdin"], input=PASSWORD.encode(), check=True,

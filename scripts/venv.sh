@@ -11,6 +11,6 @@ stamp=.venv/.hematovision-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-    .venv/bin/python -m pip install --quiet -e '.[serve,onnx,stain,test]'
+    .venv/bin/python -m pip install --quiet -e '.[serve,onnx,openvino,ray,postgres,stain,test]'
     touch "$stamp"
 fi

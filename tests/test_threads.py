@@ -54,3 +54,14 @@ def test_other_work_means_fewer_threads_that_sleep_when_waiting(monkeypatch: pyt
     quiet: dict[str, str] = {}
     assert threads.configure(quiet) == 2
     assert quiet["OMP_NUM_THREADS"] == "2" and "OMP_WAIT_POLICY" not in quiet  # spinning is faster when alone
+
+
+def test_commands_without_a_model_skip_the_thread_set_up(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import hematovision.cli as cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "configure_threads", lambda: calls.append("configure"))
+    assert cli.main(["models"]) == 0
+    assert calls == []
+    cli.main(["predict", str(tmp_path / "no_run"), str(tmp_path), "--out", str(tmp_path / "p.csv")])  # fails after it
+    assert calls == ["configure"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +19,10 @@ from hematovision.data.images import ImageLoadError, display_path, is_image_file
 from hematovision.errors import HematoVisionError
 from hematovision.infer.predictor import Predictor
 from hematovision.infer.shift import LabShift
+from hematovision.infer.stream import StreamResult
 from hematovision.run import METRICS_FILE
 
-OUTPUT_FORMATS = (".csv", ".json")
+OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
 
 @dataclass
@@ -44,13 +45,20 @@ class PredictionRow:
 def check_output_path(out: str | Path) -> Path:
     """Refuse an output file the predictions cannot be written to, before any work is done.
 
+    ``.parquet`` is a folder of shards (:mod:`hematovision.parquet_results`): it needs pyarrow and
+    may not be a file or a folder holding other files.
+
     Raises:
-        HematoVisionError: the extension is not ``.csv`` or ``.json``, or ``out`` is a folder.
+        HematoVisionError: the extension is not ``.csv``, ``.json`` or ``.parquet``, or ``out`` is a
+            folder (a file for ``.parquet``).
     """
     out = Path(out)
     if out.suffix.lower() == ".parquet":
-        raise HematoVisionError(f"--out {display_path(out)}: Parquet output is not available in this version; "
-                                "use .csv (written in chunks, resumable) or .json")
+        from hematovision.parquet_results import check_parquet_folder, require_pyarrow
+
+        require_pyarrow()
+        check_parquet_folder(out)
+        return out
     if out.suffix.lower() not in OUTPUT_FORMATS:
         raise HematoVisionError(f"--out {display_path(out)}: unsupported output format {out.suffix or '(none)'!r}; "
                                 f"use one of {', '.join(OUTPUT_FORMATS)}")
@@ -136,7 +144,7 @@ def _csv_row(record: dict) -> dict:
     return {k: ("" if v is None else f"{v:.6f}" if isinstance(v, float) else v) for k, v in flat.items()}
 
 
-def _job_shift_fields(lab_shift: LabShift | None) -> dict:
+def job_shift_fields(lab_shift: LabShift | None) -> dict:
     """The job-wide lab-shift columns (the same in every row: the score is the whole job's)."""
     if lab_shift is None:
         return {"lab_shift_score": None, "lab_shift_threshold": None}
@@ -156,7 +164,7 @@ def write_predictions(rows: Sequence[PredictionRow], class_names: Sequence[str],
     out = Path(out)
     top_k = min(top_k, len(class_names))
     with_shift = lab_shift is not None
-    records = [{**prediction_record(row, class_names, top_k, with_shift), **(_job_shift_fields(lab_shift)
+    records = [{**prediction_record(row, class_names, top_k, with_shift), **(job_shift_fields(lab_shift)
                                                                             if with_shift else {})} for row in rows]
     if out.suffix.lower() == ".json":
         return write_json(out, records)
@@ -265,12 +273,12 @@ class ResultsFile:
         """Complete the file: CSV gets the job-wide lab-shift columns filled in, JSON is written."""
         self.close()
         if self.is_json:
-            fields = _job_shift_fields(lab_shift) if self.with_shift else {}
+            fields = job_shift_fields(lab_shift) if self.with_shift else {}
             write_json(self.out, [{**record, **fields} for record in self.records])
             return
         if not self.with_shift:
             return
-        fields = {k: ("" if v is None else f"{v:.6f}") for k, v in _job_shift_fields(lab_shift).items()}
+        fields = {k: ("" if v is None else f"{v:.6f}") for k, v in job_shift_fields(lab_shift).items()}
 
         def write(tmp: Path) -> None:
             with open(self.out, newline="", encoding="utf-8") as source, open(tmp, "w", newline="", encoding="utf-8") as dest:
@@ -316,9 +324,10 @@ class StreamSummary:
     lab_shift: LabShift | None
 
 
-def stream_to_file(predictor: Predictor, paths: Sequence[Path], out: Path, top_k: int = 3, batch_size: int = 32,
+def stream_to_file(predictor: Predictor, paths: Sequence[Path], out: Path, top_k: int = 3, batch_size: int | None = None,
                    resume: bool = False, workers: int | None = None, chunk: int = 256,
-                   on_skip: Callable[[int, int], None] | None = None) -> StreamSummary:
+                   on_skip: Callable[[int, int], None] | None = None,
+                   engine: Callable[[Sequence[Path]], Generator[StreamResult, None, None]] | None = None) -> StreamSummary:
     """Predict ``paths`` in bounded memory and write ``out`` as the job goes (see :class:`ResultsFile`).
 
     Args:
@@ -327,12 +336,16 @@ def stream_to_file(predictor: Predictor, paths: Sequence[Path], out: Path, top_k
         workers: decoding threads (see :mod:`hematovision.infer.stream`).
         chunk: rows per append to the CSV.
         on_skip: called with (skipped, total) before predicting, e.g. to print how many were skipped.
+        engine: gives the results of the files still to do, in any order (e.g. a partial of
+            :func:`hematovision.infer.ray_engine.ray_predictions`); default: the local streaming engine.
     """
     from contextlib import closing
 
     from hematovision.infer.stream import stream_predictions
+    from hematovision.parquet_results import ParquetResults
 
-    results = ResultsFile(out, predictor.class_names, top_k, predictor.shift is not None, resume)
+    results_type = ParquetResults if out.suffix.lower() == ".parquet" else ResultsFile
+    results = results_type(out, predictor.class_names, top_k, predictor.shift is not None, resume)
     done = results.done()
     todo, skipped = [], 0
     for path in paths:
@@ -349,7 +362,9 @@ def stream_to_file(predictor: Predictor, paths: Sequence[Path], out: Path, top_k
     classified = 0
     pending: list[PredictionRow] = []
     try:
-        with closing(stream_predictions(predictor, todo, batch_size, workers, hash_files=True)) as stream:
+        source = engine(todo) if engine is not None else stream_predictions(predictor, todo, batch_size, workers,
+                                                                             hash_files=True)
+        with closing(source) as stream:
             for result in stream:
                 row = PredictionRow(display_path(result.path), result.probabilities, result.error, result.sha256,
                                     result.shift_score)

@@ -10,9 +10,14 @@ A run folder is what ``hematovision train`` writes and every other command reads
       metrics.json, report.md, *.png, val/   evaluation of the held-out split
       last.safetensors, train_state.pt       fine-tuning only: what ``--resume`` continues from
       model.onnx, model.int8.onnx, export.json, serving.json, ood.npz   written by ``hematovision export``
+      model.xml, model.bin   the OpenVINO IR of model.onnx (``hematovision export``, when openvino is installed)
 
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a
 half-written file behind.
+
+Reading a run's card and checking its weights (:func:`read_run`) needs no torch: an exported run
+(ONNX Runtime, OpenVINO) is scored without it. Building the network (:func:`load_run`,
+:func:`load_model`) imports torch.
 """
 
 from __future__ import annotations
@@ -23,15 +28,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hematovision._io import atomic_write, sha256_file, write_json
 from hematovision.data.folder import Sample
 from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError, HematoVisionError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
@@ -45,6 +50,8 @@ UNREADABLE_FILE = "unreadable_files.json"
 VAL_DIR = "val"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+OPENVINO_FILE = "model.xml"  # the OpenVINO IR's graph; its weights are OPENVINO_WEIGHTS_FILE beside it
+OPENVINO_WEIGHTS_FILE = "model.bin"
 EXPORT_FILE = "export.json"
 POLICY_FILE = "serving.json"
 OOD_FILE = "ood.npz"
@@ -291,25 +298,36 @@ def save_weights(model: nn.Module, path: str | Path) -> str:
     return sha256_file(path)
 
 
-def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
-    """Load safetensors weights into ``model``.
-
-    Args:
-        sha256: the digest the file must have (the card's); a changed, truncated or tampered
-            file is then refused before it is read.
+def check_weights(path: str | Path, sha256: str | None = None) -> None:
+    """Refuse a missing weight file, or one whose sha256 is not ``sha256`` (the card's), without reading it as weights.
 
     Raises:
-        RunFolderError: missing, damaged or foreign weights, or weights with NaN/inf values.
+        RunFolderError: the file is missing, or was changed, truncated or tampered with.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise RunFolderError(f"weight file not found: {path}")
     if sha256 is not None and (actual := sha256_file(path)) != sha256:
         raise RunFolderError(f"{path} is not the file its model card was written for (sha256 {actual[:12]}..., "
                              f"card says {sha256[:12]}...): it was changed or damaged; restore it or train again")
+
+
+def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
+    """Load safetensors weights into ``model``.
+
+    Args:
+        sha256: the digest the file must have (the card's); a changed, truncated or tampered
+            file is then refused before it is read (:func:`check_weights`).
+
+    Raises:
+        RunFolderError: missing, damaged or foreign weights, or weights with NaN/inf values.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    check_weights(path, sha256)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
@@ -339,12 +357,40 @@ def build_model(card: ModelCard) -> nn.Module:
     return create_model(card.backbone, num_classes=num_classes, pretrained=False)
 
 
+def read_run(run_dir: str | Path) -> ModelCard:
+    """The card of a run folder, its weight file checked against the card's sha256; no network is built.
+
+    What an exported model (ONNX Runtime, OpenVINO) needs from the run: torch is not imported.
+
+    Raises:
+        RunFolderError: no valid card, or weights missing or not the card's (see :func:`check_weights`).
+    """
+    card = read_card(run_dir)
+    check_weights(Path(run_dir) / MODEL_FILE, card.weights_sha256)
+    return card
+
+
+def load_model(run_dir: str | Path, card: ModelCard) -> nn.Module:
+    """The trained network ``card`` describes, in eval mode, its weights from ``run_dir`` checked against the card.
+
+    Raises:
+        HematoVisionError: torch cannot be imported (an exported backend needs no torch: see :func:`read_run`).
+    """
+    try:
+        import torch  # noqa: F401  # only to say in one line what is missing
+    except ImportError as error:
+        raise HematoVisionError(f"the PyTorch model of {run_dir} needs torch, which cannot be imported ({error}); "
+                                "export the run (`hematovision export RUN`) and use --backend onnx, or install torch"
+                                ) from None
+    model = build_model(card)
+    load_weights(model, Path(run_dir) / MODEL_FILE, card.weights_sha256)
+    return model.eval()
+
+
 def load_run(run_dir: str | Path) -> tuple[ModelCard, nn.Module]:
     """The card and the trained network of a run folder, its weights checked against the card."""
     card = read_card(run_dir)
-    model = build_model(card)
-    load_weights(model, Path(run_dir) / MODEL_FILE, card.weights_sha256)
-    return card, model.eval()
+    return card, load_model(run_dir, card)
 
 
 def read_split(run_dir: str | Path, split_file: str = SPLIT_FILE) -> dict[str, list[Sample]]:

@@ -64,6 +64,22 @@ def choose_threads(cores: int, busy: float | None) -> int:
     return max(1, min(cores, cores - int(busy + 0.25)))
 
 
+def inference_threads() -> int:
+    """Threads an exported model's runtime (ONNX Runtime, OpenVINO) gets: as many as PyTorch's intra-op pool.
+
+    Read without importing torch (an exported run is scored without it): ``torch.get_num_threads()``
+    when torch is loaded, else ``OMP_NUM_THREADS`` (what :func:`configure` set, or the user), else the
+    available cores.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return available_cores()
+
+
 def configure(environ: MutableMapping[str, str] | None = None) -> int | None:
     """Set the thread environment for this process, before torch loads; returns the thread count set.
 

@@ -215,7 +215,7 @@ def test_unsupported_out_extension_is_refused_before_any_work(tmp_path: Path, ca
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [f"hematovision: error: --out {tmp_path / 'p.xlsx'}: unsupported output format "
-                                        "'.xlsx'; use one of .csv, .json"]
+                                        "'.xlsx'; use one of .csv, .json, .parquet"]
     assert not (tmp_path / "p.xlsx").exists()
 
 

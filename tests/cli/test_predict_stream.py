@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,13 @@ def test_resume_refuses_a_file_with_other_columns(run64: Path, images: Path, tmp
     assert out.read_text() == "file,label\na.png,x\n"  # left alone
 
 
-def test_parquet_is_refused_in_one_line_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_parquet_without_pyarrow_is_refused_in_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Parquet" in err[0] and not (tmp_path / "p.parquet").exists()
+    assert len(err) == 1 and "Parquet" in err[0] and "pip install" in err[0] and not (tmp_path / "p.parquet").exists()
 
 
 def test_json_resume(run64: Path, images: Path, tmp_path: Path, one_thread: None,

@@ -18,7 +18,8 @@ from hematovision.data.folder import Sample
 from hematovision.data.splits import write_split_csv
 from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.export.onnx import compare_with_torch, export_onnx
-from hematovision.infer.runtime import LogitsAndFeatures, onnx_session
+from hematovision.infer.exported import onnx_session
+from hematovision.infer.runtime import LogitsAndFeatures
 from hematovision.models import create_model
 
 CLASSES = ["lymphocyte", "neutrophil"]
@@ -120,7 +121,7 @@ def test_server_uses_onnx_when_exported_and_agrees_with_torch(tmp_path: Path, on
     from hematovision.serve.engine import Engine
 
     run, predictor = synthetic_run(tmp_path)
-    prepare_run(run, calibrate=False, predictor=predictor, threads=1)
+    prepare_run(run, calibrate=False, predictor=predictor, threads=1, openvino=False)  # auto: ONNX, not OpenVINO
     onnx_engine = Engine(predictor, run, backend="auto", threads=1)
     torch_engine = Engine(predictor, run, backend="torch", threads=1)
     assert onnx_engine.backend == "onnxruntime" and torch_engine.backend == "pytorch"
@@ -161,7 +162,7 @@ def test_exports_of_older_weights_are_not_served(tmp_path: Path, one_thread: Non
 
     run, predictor = synthetic_run(tmp_path)
     (run / "model.safetensors").write_bytes(b"weights v1")  # stands for the run's weights file
-    report = prepare_run(run, predictor=predictor, threads=1)
+    report = prepare_run(run, predictor=predictor, threads=1, openvino=False)  # auto: ONNX, not OpenVINO
     assert report["source_sha256"] and report["review_policy"]["source_sha256"] == report["source_sha256"]
     fresh = Engine(predictor, run, threads=1)
     assert fresh.backend == "onnxruntime" and fresh.policy.calibrated

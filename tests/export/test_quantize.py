@@ -20,7 +20,7 @@ from hematovision.export.quantize import (  # noqa: E402
     meets_targets,
     quantize_int8,
 )
-from hematovision.infer.runtime import onnx_session  # noqa: E402
+from hematovision.infer.exported import onnx_session
 
 FIRST_CONV = r"^/model/features/features\.0/Conv$"
 HEAD = r"^/model/classifier/Gemm$"

@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from hematovision.cli import main
 from hematovision.evaluate.metrics import softmax
 from hematovision.export.prepare import prepare_run
+from hematovision.infer.exported import onnx_forward, onnx_session
 from hematovision.infer.predictor import Predictor
-from hematovision.infer.runtime import onnx_forward, onnx_session
 from hematovision.run import CARD_FILE, EXPORT_FILE, ONNX_FILE
 from hematovision.serve.app import create_app
 from hematovision.serve.settings import Settings

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from postgres_cluster import PostgresCluster  # tests/ is on sys.path (tests/conftest.py)
 
 from hematovision.serve import users
 
@@ -45,3 +47,26 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.set_num_threads(threads)
     assert code == 0
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL server for the session (tests/postgres_cluster.py); skips without the binaries."""
+    cluster = PostgresCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | str:
+    """The ``--db`` of the test's app, once per database: ``tmp_path/hv.db``, or a new PostgreSQL database.
+
+    The same API tests run on both. On PostgreSQL, HEMATOVISION_HOME (where the server keeps its secret key
+    when the database is not a file) is the test's own folder. Restrict a test to one database with
+    ``@pytest.mark.parametrize("database", ["sqlite"], indirect=True)``.
+    """
+    if request.param == "sqlite":
+        return tmp_path / "hv.db"
+    monkeypatch.setenv("HEMATOVISION_HOME", str(tmp_path / "home"))
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.new_database()

@@ -1,4 +1,7 @@
-"""The web app's JSON API and page, end to end with FastAPI's TestClient (tiny model, no data needed)."""
+"""The web app's JSON API and page, end to end with FastAPI's TestClient (tiny model, no data needed).
+
+The ``client`` tests run once per database: SQLite and PostgreSQL (the ``database`` fixture, conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -48,8 +51,8 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 
 
 @pytest.fixture()
-def client(tmp_path: Path) -> TestClient:
-    settings = Settings(db=tmp_path / "hv.db", confidence_threshold=0.5)
+def client(tmp_path: Path, database: Path | str) -> TestClient:
+    settings = Settings(db=database, storage=tmp_path / "images", confidence_threshold=0.5)
     with TestClient(create_app(settings, predictor=fake_predictor()), base_url="http://localhost") as test_client:
         yield authorize(test_client)  # user "tester", an admin, by API token
 
@@ -151,6 +154,7 @@ def test_history_search_paging_and_status(client: TestClient) -> None:
     last = client.get("/api/v1/analyses", params={"page_size": 2, "page": 3}).json()
     assert [a["id"] for a in last["items"]] == [1]
     assert client.get("/api/v1/analyses", params={"q": "patient-1"}).json()["total"] == 2
+    assert client.get("/api/v1/analyses", params={"q": "PATIENT-1"}).json()["total"] == 2  # case ignored, both databases
     assert client.get("/api/v1/analyses", params={"q": "cell_3"}).json()["items"][0]["id"] == 4
     assert client.get("/api/v1/analyses", params={"q": "%"}).json()["total"] == 0  # LIKE wildcards are literal
     pid = client.get("/api/v1/analyses/2").json()["predictions"][0]["id"]

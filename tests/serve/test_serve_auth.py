@@ -1,11 +1,10 @@
 """Users, logins, API tokens, roles and CSRF, from the outside (TestClient; the real process is in
-test_serve_auth_process.py)."""
+test_serve_auth_process.py). Tests that take ``database`` run on SQLite and on PostgreSQL (conftest.py)."""
 
 from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,15 +54,18 @@ def png(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def make_client(tmp_path: Path, **settings: object) -> TestClient:
+def make_client(tmp_path: Path, database: Path | str | None = None, **settings: object) -> TestClient:
+    """An app on ``database`` (default: a SQLite file in ``tmp_path``), its images in ``tmp_path/images``."""
     settings = {"confidence_threshold": 0.0, **settings}  # nothing flagged, unless a test asks for it
-    app = create_app(Settings(db=tmp_path / "hv.db", **settings), predictor=fake_predictor())  # type: ignore[arg-type]
+    db = database if database is not None else tmp_path / "hv.db"
+    app = create_app(Settings(db=db, storage=tmp_path / "images", **settings),  # type: ignore[arg-type]
+                     predictor=fake_predictor())
     return TestClient(app, base_url="http://localhost")
 
 
 @pytest.fixture()
-def client(tmp_path: Path) -> TestClient:
-    with make_client(tmp_path) as test_client:
+def client(tmp_path: Path, database: Path | str) -> TestClient:
+    with make_client(tmp_path, database) as test_client:
         yield test_client
 
 
@@ -72,10 +74,15 @@ def upload(client: TestClient, headers: dict[str, str] | None = None, n: int = 1
                        headers=headers)
 
 
-def audit(client: TestClient) -> list[sqlite3.Row]:
-    with sqlite3.connect(app_db(client).path) as connection:
-        connection.row_factory = sqlite3.Row
+def audit(client: TestClient) -> list:
+    with app_db(client).connect() as connection:
         return connection.execute("SELECT * FROM audit ORDER BY id").fetchall()
+
+
+def scalar(client: TestClient, query: str) -> object:
+    """One value from the app's database (SQLite or PostgreSQL)."""
+    with app_db(client).connect() as connection:
+        return connection.execute(query).fetchone()[0]
 
 
 def all_routes(routes: list) -> list[APIRoute]:
@@ -95,9 +102,9 @@ def route_url(route: APIRoute) -> str:
 
 # ---- every route needs a user ----
 
-def test_every_route_needs_a_user(tmp_path: Path) -> None:
+def test_every_route_needs_a_user(tmp_path: Path, database: Path | str) -> None:
     # Dozens of refused requests from one client: switch the failed-login limit (429) off for this test.
-    with make_client(tmp_path, failed_login_limit_per_minute=0) as client:
+    with make_client(tmp_path, database, failed_login_limit_per_minute=0) as client:
         check_every_route_needs_a_user(client)
 
 
@@ -120,8 +127,7 @@ def check_every_route_needs_a_user(client: TestClient) -> None:
                 else:  # a page: the browser is sent to log in and come back
                     assert response.status_code == 303, (method, url, headers)
                     assert response.headers["location"].startswith("/login?next=")
-    with sqlite3.connect(app_db(client).path) as connection:
-        assert connection.execute("SELECT COUNT(*) FROM analyses").fetchone()[0] == 0
+    assert scalar(client, "SELECT COUNT(*) FROM analyses") == 0
 
 
 def test_public_routes_and_static_assets_need_no_login(client: TestClient) -> None:
@@ -223,7 +229,7 @@ def test_api_token_works_without_csrf(client: TestClient) -> None:
                          json={"labels": [{"prediction_id": pid, "label": "monocyte"}], "expected_version": 0})
     assert review.status_code == 200 and review.json()["predictions"][0]["reviewer"] == "tina"
     # Only the token's hash is stored.
-    with sqlite3.connect(app_db(client).path) as connection:
+    with app_db(client).connect() as connection:
         stored = [row[0] for row in connection.execute("SELECT token_hash FROM auth_tokens")]
     assert body["access_token"] not in stored and users.hash_token(body["access_token"]) in stored
     assert ("tina", "token") in [(r["user"], r["action"]) for r in audit(client)]
@@ -239,8 +245,7 @@ def test_disabled_user_loses_tokens_and_sessions(client: TestClient) -> None:
     users.disable_user(app_db(client), "tina")
     assert client.get("/api/v1/auth/me", headers=headers).status_code == 401
     assert client.get("/api/v1/auth/me").status_code == 401
-    with sqlite3.connect(app_db(client).path) as connection:  # revoked, not merely refused
-        assert connection.execute("SELECT COUNT(*) FROM auth_tokens").fetchone()[0] == 0
+    assert scalar(client, "SELECT COUNT(*) FROM auth_tokens") == 0  # revoked, not merely refused
     assert client.post("/api/v1/auth/token", data={"username": "rita", "password": PASSWORD}).status_code == 401
     assert ("rita", "login_failed", "token: user disabled") in [(r["user"], r["action"], r["detail"])
                                                                   for r in audit(client)]
@@ -252,7 +257,7 @@ def test_disabled_user_loses_tokens_and_sessions(client: TestClient) -> None:
 
 def test_a_disabled_flag_alone_refuses_tokens(client: TestClient) -> None:
     headers = bearer_headers(client, "rita", "reviewer")
-    with sqlite3.connect(app_db(client).path) as connection:  # disabled by hand, tokens left in place
+    with app_db(client).transaction() as connection:  # disabled by hand, tokens left in place
         connection.execute("UPDATE users SET disabled = 1 WHERE name = 'rita'")
     assert client.get("/api/v1/auth/me", headers=headers).status_code == 401
 
@@ -295,8 +300,7 @@ def test_cookie_requests_need_same_origin_and_csrf_token(client: TestClient) -> 
     for name, response in cases.items():
         assert response.status_code == 403, (name, response.text)
         assert isinstance(response.json()["detail"], str), name
-    with sqlite3.connect(app_db(client).path) as connection:
-        assert connection.execute("SELECT COUNT(*) FROM analyses").fetchone()[0] == 0  # nothing was stored
+    assert scalar(client, "SELECT COUNT(*) FROM analyses") == 0  # nothing was stored
     assert post().status_code == 200
     assert post(drop=("origin",), Referer=f"{ORIGIN}/history").status_code == 200  # Referer alone is enough
     # Reads need no token.
@@ -324,10 +328,10 @@ def test_roles(client: TestClient) -> None:
 
 # ---- settings ----
 
-def test_no_auth_workstation(tmp_path: Path) -> None:
+def test_no_auth_workstation(tmp_path: Path, database: Path | str) -> None:
     with pytest.raises(HematoVisionError, match="--no-auth"):
         Settings(db=tmp_path / "hv.db", auth=False, host="0.0.0.0")
-    with make_client(tmp_path, auth=False) as client:
+    with make_client(tmp_path, database, auth=False) as client:
         assert client.get("/", follow_redirects=False).status_code == 200
         assert client.get("/api/v1/auth/me").json() == {"name": "local", "role": "admin", "auth": False}
         body = upload(client).json()

@@ -2,7 +2,9 @@
 
 Checked from the outside: the rows and files left in the database and the storage folder, the
 backup folder (it passes SQLite's integrity check and a server restored from it shows the
-images), the audit trail, and the commands' exit codes and lines.
+images), the audit trail, and the commands' exit codes and lines. Purging and deleting run on SQLite
+and on PostgreSQL (the ``database`` fixture, conftest.py); ``db backup`` is SQLite's, and refuses
+PostgreSQL with the pg_dump command to use.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,10 +66,13 @@ def files(storage: Path) -> set[str]:
     return {p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file()}
 
 
+SQLITE_ONLY = pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+
+
 @pytest.fixture()
-def server_data(tmp_path: Path) -> SimpleNamespace:
+def server_data(tmp_path: Path, database: Path | str) -> Iterator[SimpleNamespace]:
     """Two old analyses (one sharing an image with a new one), one new analysis, reviews and audit rows."""
-    db, storage = Database(tmp_path / "hv.db"), tmp_path / "images"
+    db, storage = Database(database), tmp_path / "images"
     old1 = store(db, storage, ["aa/old1.png", "ss/shared.png"], sample="ACC-0001")
     old2 = store(db, storage, ["bb/old2.png"], sample="ACC-0002")
     new = store(db, storage, ["ss/shared.png", "cc/new.png"], sample="ACC-0003")
@@ -74,7 +80,8 @@ def server_data(tmp_path: Path) -> SimpleNamespace:
     db.review(old1, {first: "b"}, "tech", ["a", "b", "excluded"])
     make_old(db, old1, old2)
     record_audit(db, "tech", "upload", old1)
-    return SimpleNamespace(db=db, storage=storage, old1=old1, old2=old2, new=new, path=tmp_path / "hv.db")
+    yield SimpleNamespace(db=db, storage=storage, old1=old1, old2=old2, new=new, path=database)
+    db.close()
 
 
 # ---- synchronous=FULL ----
@@ -135,6 +142,7 @@ def test_backup_is_consistent_while_the_server_writes(tmp_path: Path) -> None:
     assert count(db, "analyses") == len(written) + 1  # the writes went on meanwhile
 
 
+@SQLITE_ONLY
 def test_a_server_restored_from_a_backup_shows_the_images(server_data: SimpleNamespace, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     from fastapi.testclient import TestClient
@@ -157,6 +165,7 @@ def test_a_server_restored_from_a_backup_shows_the_images(server_data: SimpleNam
         assert image.status_code == 200 and image.content == b"pixels of cc/new.png"
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("problem", ["destination exists", "no database"])
 def test_backup_refusals_are_one_line(problem: str, server_data: SimpleNamespace, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
@@ -172,6 +181,16 @@ def test_backup_refusals_are_one_line(problem: str, server_data: SimpleNamespace
     assert not (tmp_path / "bk.partial").exists()
     if problem == "destination exists":
         assert (destination / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_backup_of_postgresql_says_to_use_pg_dump(server_data: SimpleNamespace, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    code = main(["db", "backup", str(tmp_path / "bk"), "--db", server_data.path, "--storage", str(server_data.storage)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "pg_dump --format=custom" in err and str(server_data.storage) in err
+    assert not (tmp_path / "bk").exists() and not (tmp_path / "bk.partial").exists()
 
 
 # ---- purge ----
@@ -202,7 +221,8 @@ def test_purge_deletes_old_records_and_images_and_keeps_the_audit_trail(server_d
         assert connection.execute("SELECT COUNT(*) FROM predictions WHERE analysis_id != ?",
                                   (server_data.new,)).fetchone()[0] == 0
         assert connection.execute("SELECT COUNT(*) FROM reviews").fetchone()[0] == 0
-        purges = connection.execute("SELECT user, analysis_id FROM audit WHERE action = 'purge' ORDER BY id").fetchall()
+        purges = connection.execute(
+            "SELECT \"user\", analysis_id FROM audit WHERE action = 'purge' ORDER BY id").fetchall()
         samples = [r[0] for r in connection.execute("SELECT detail FROM audit")]
     # The shared image stays for the new analysis; the recent orphan may belong to an upload in flight.
     assert files(storage) == {"ss/shared.png", "cc/new.png", "dd/orphan-new.png"}
@@ -236,7 +256,7 @@ def test_delete_analysis_removes_its_rows_and_only_its_own_files(server_data: Si
     with db.connect() as connection:
         assert connection.execute("SELECT COUNT(*) FROM predictions WHERE analysis_id = ?",
                                   (server_data.old1,)).fetchone()[0] == 0
-        row = connection.execute("SELECT user, action, analysis_id FROM audit WHERE action = 'delete'").fetchone()
+        row = connection.execute("SELECT \"user\", action, analysis_id FROM audit WHERE action = 'delete'").fetchone()
         assert tuple(row) == ("admin", "delete", server_data.old1)
         assert connection.execute("SELECT COUNT(*) FROM audit WHERE action = 'upload'").fetchone()[0] == 1
     with pytest.raises(NotFoundError):

@@ -1,4 +1,7 @@
-"""Sign-off, amendment, required optimistic locking and the audit trail, from the outside (TestClient)."""
+"""Sign-off, amendment, required optimistic locking and the audit trail, from the outside (TestClient).
+
+Tests that take ``database`` (or ``client``) run on SQLite and on PostgreSQL (conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from hematovision.serve.db import Database
 
 
 @pytest.fixture()
-def client(tmp_path: Path) -> TestClient:
-    with make_client(tmp_path) as test_client:
+def client(tmp_path: Path, database: Path | str) -> TestClient:
+    with make_client(tmp_path, database) as test_client:
         yield test_client
 
 
@@ -43,8 +46,9 @@ def labels(body: dict, label: str = "monocyte") -> list[dict]:
 
 def trail(client: TestClient, analysis_id: int | None = None) -> list[tuple]:
     where = "" if analysis_id is None else f" WHERE analysis_id = {int(analysis_id)}"
-    with sqlite3.connect(app_db(client).path) as connection:
-        return connection.execute(f"SELECT user, action, analysis_id, detail FROM audit{where} ORDER BY id").fetchall()
+    with app_db(client).connect() as connection:
+        return [tuple(row) for row in connection.execute(
+            f'SELECT "user", action, analysis_id, detail FROM audit{where} ORDER BY id')]
 
 
 # ---- sign-off ----
@@ -76,8 +80,8 @@ def test_sign_off_makes_the_analysis_read_only(client: TestClient, staff: dict) 
     assert {p["final_label"] for p in final["predictions"]} == {"monocyte"} and final["version"] == 2
 
 
-def test_sign_off_waits_for_flagged_images(tmp_path: Path) -> None:
-    with make_client(tmp_path, confidence_threshold=1.0) as client:  # every image flagged
+def test_sign_off_waits_for_flagged_images(tmp_path: Path, database: Path | str) -> None:
+    with make_client(tmp_path, database, confidence_threshold=1.0) as client:  # every image flagged
         headers = bearer_headers(client, "rita", "reviewer")
         body = upload(client, headers)
         url = f"/api/v1/analyses/{body['analysis_id']}"
@@ -163,14 +167,26 @@ def test_every_action_is_in_the_audit_trail_with_its_user(client: TestClient) ->
     assert client.get("/api/v1/analyses/999/audit", headers=rita).status_code == 404
 
 
-def test_audit_rows_cannot_be_changed_or_deleted(tmp_path: Path) -> None:
-    db = Database(tmp_path / "hv.db")
+def test_audit_rows_cannot_be_changed_or_deleted(database: Path | str) -> None:
+    db = Database(database)
     record_audit(db, "tina", "view", 1, client="10.0.0.1")
-    with sqlite3.connect(db.path) as connection:  # even straight through SQLite, outside the app
-        for statement in ("UPDATE audit SET user = 'mallory'", "DELETE FROM audit", "UPDATE audit SET detail = ''"):
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    db.close()
+    # Even straight through the database's own client library, outside the app.
+    if isinstance(database, Path):
+        connection, refused = sqlite3.connect(database, isolation_level=None), sqlite3.IntegrityError
+        statements = ["UPDATE audit SET user = 'mallory'", "DELETE FROM audit", "UPDATE audit SET detail = ''"]
+    else:
+        import psycopg
+
+        connection, refused = psycopg.connect(database, autocommit=True), psycopg.IntegrityError
+        statements = ["UPDATE audit SET \"user\" = 'mallory'", "DELETE FROM audit", "UPDATE audit SET detail = ''",
+                      "TRUNCATE audit"]
+    with connection:
+        for statement in statements:
+            with pytest.raises(refused, match="append-only"):
                 connection.execute(statement)
-        assert connection.execute("SELECT user, action, client FROM audit").fetchall() == [("tina", "view", "10.0.0.1")]
+        rows = connection.execute('SELECT "user", action, client FROM audit').fetchall()
+    assert [tuple(row) for row in rows] == [("tina", "view", "10.0.0.1")]
 
 
 def test_a_change_is_never_stored_without_its_audit_row(client: TestClient, staff: dict,

@@ -261,3 +261,24 @@ def test_serve_command_reports_a_missing_run_in_one_line(tmp_path: Path, capsys:
     assert main(["serve", "--model", str(tmp_path / "missing"), "--db", str(tmp_path / "hv.db")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("hematovision: error:") and "missing" in error and len(error.splitlines()) == 1
+
+
+def test_engine_runs_a_large_micro_batch_in_calls_of_at_most_model_chunk_images() -> None:
+    from types import SimpleNamespace
+
+    from hematovision.data.transforms import Preprocessing
+    from hematovision.models import create_model
+    from hematovision.serve import engine as engine_module
+
+    predictor = SimpleNamespace(class_names=["a", "b"], prep=Preprocessing(32), model=create_model("tiny_cnn", 2).eval(),
+                                temperature=1.0, card={})
+    engine = engine_module.Engine(predictor, threads=1)
+    calls: list[int] = []
+    wrapped = engine._wrapped
+    engine._wrapped = lambda batch: (calls.append(len(batch)), wrapped(batch))[1]
+    images = np.random.default_rng(0).integers(0, 256, (2 * engine_module.MODEL_CHUNK + 3, 32, 32, 3), np.uint8)
+    logits, features = engine.forward(images)
+    assert calls == [engine_module.MODEL_CHUNK, engine_module.MODEL_CHUNK, 3]
+    assert logits.shape == (len(images), 2) and len(features) == len(images)
+    one_by_one = np.concatenate([engine.forward(image[None])[0] for image in images])
+    np.testing.assert_allclose(logits, one_by_one, atol=1e-5)

@@ -5,6 +5,8 @@
   equal one process exactly; the registration also runs when the test imports this module.
 - ``HEMATOVISION_TEST_SIGINT=RANK:STEP``: that rank sends itself SIGINT (a Ctrl-C reaching one
   process only) after its STEP-th optimizer step.
+- ``HEMATOVISION_TEST_COUNT_FEATURES=1``: every rank reports on stderr how many images it passed
+  through the frozen backbone (``rank N extracted K``), to show that the ranks shared the work.
 - Ranks other than 0 report on stderr (``rank N wrote: ...``) every file or folder they create,
   write, rename or delete under the working directory (Python audit events, which also see
   safetensors' files through the atomic rename that puts them in place).
@@ -65,6 +67,18 @@ def _interrupt_one_rank(spec: str) -> None:
     finetune_module.make_optimizer = interruptible_optimizer
 
 
+def _count_features(rank: int) -> None:
+    from hematovision.train.features import FeatureExtractor
+
+    real_extract = FeatureExtractor.extract
+
+    def counted(self, images, progress=False):  # type: ignore[no-untyped-def]
+        print(f"rank {rank} extracted {len(images)}", file=sys.stderr)
+        return real_extract(self, images, progress)
+
+    FeatureExtractor.extract = counted  # type: ignore[method-assign]
+
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
 
 
@@ -88,6 +102,8 @@ def _report_writes(rank: int) -> None:
 if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")):
         _report_writes(int(os.environ["RANK"]))
+    if os.environ.get("HEMATOVISION_TEST_COUNT_FEATURES"):
+        _count_features(int(os.environ.get("RANK", "0")))
     if os.environ.get("HEMATOVISION_TEST_SIGINT"):
         _interrupt_one_rank(os.environ["HEMATOVISION_TEST_SIGINT"])
     sys.exit(main(sys.argv[1:]))

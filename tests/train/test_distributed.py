@@ -9,6 +9,9 @@ is empty). Augmentation is off (``--no-augment``): each rank augments from its o
 augmented runs are not comparable image by image. The model has no batch norm (see
 ``ddp_worker.py``): under gloo each rank normalises over its own slice.
 
+A frozen run's feature extraction is shared the same way: each rank passes its slice of the
+images through the backbone, and the head rank 0 fits on the gathered features is the one-process head.
+
 Also checked: only rank 0 writes (the run folder has the one-process files and nothing else
 appears), and a Ctrl-C reaching one rank stops both with one line, after which ``--resume``
 finishes the run with the uninterrupted result.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +128,41 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_finishes_the_run(data: Path, o
     resumed = _torchrun(tmp_path, _train_args(data, Path("run"), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(tmp_path / "run", one_process)
+
+
+FROZEN = ["--mode", "frozen", "--image-size", "64", "--seed", "0"]
+
+
+def test_two_gloo_processes_share_a_frozen_runs_feature_extraction(data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEMATOVISION_HOME", str(tmp_path / "home_single"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "single"), *FROZEN]) == 0
+    finally:
+        torch.set_num_threads(previous)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _torchrun(work, ["train", "--data", str(data), "--out", "run", *FROZEN],
+                       HEMATOVISION_HOME=str(tmp_path / "home_two"), HEMATOVISION_TEST_COUNT_FEATURES="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Both ranks computed features, about half each (the store started empty).
+    counts = {rank: 0 for rank in (0, 1)}
+    for rank, count in re.findall(r"rank (\d) extracted (\d+)", result.stderr):  # progress bars share the lines
+        counts[int(rank)] += int(count)
+    stored = [json.loads(index.read_text()) for index in (tmp_path / "home_single").rglob("index.json")]
+    distinct = len(stored[0])  # the store keys images by content, so a repeated image is computed once
+    assert sum(counts.values()) == distinct and abs(counts[0] - counts[1]) <= 3, (counts, distinct)
+
+    run, reference = work / "run", tmp_path / "single"
+    got, expected = load_file(str(run / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for key in expected:  # the backbone is the same file; the head was fitted on the same features
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4, msg=key)
+    metrics, expected_metrics = (json.loads((folder / "metrics.json").read_text()) for folder in (run, reference))
+    for key in ("n_images", "accuracy", "balanced_accuracy", "confusion_matrix"):
+        assert metrics[key] == expected_metrics[key], key
+    assert json.loads((run / "model_card.json").read_text())["data"]["feature_processes"] == 2
+    assert "rank 1 wrote" not in result.stderr

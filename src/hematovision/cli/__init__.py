@@ -36,6 +36,8 @@ from hematovision.threads import configure as configure_threads
 
 # In the order ``hematovision --help`` lists them.
 COMMANDS = (data, models, train, evaluate, adapt, predict, bench, segment, count, gan, export, serve, users, audit, db)
+# Commands that never run a model: they skip the thread set-up (a quarter-second look at the cores).
+NO_MODEL_COMMANDS = {"users", "audit", "db", "models"}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     # Before any command imports torch: OpenMP and BLAS read their thread settings once, on load.
-    threads = configure_threads()
+    threads = configure_threads() if args.command not in NO_MODEL_COMMANDS else None
     if threads is not None:
         logging.getLogger(__name__).debug("CPU threads: %d (idle cores at start; HEMATOVISION_THREADS=N fixes it)",
                                           threads)

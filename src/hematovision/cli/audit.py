@@ -17,8 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "or 2026-01-31T08:00+01:00; a time without zone is UTC)")
     export.add_argument("--analysis", type=int, metavar="ID", help="only the rows of this analysis")
     export.add_argument("--out", metavar="FILE", help="FILE.csv or FILE.jsonl (default: CSV on standard output)")
-    export.add_argument("--db", metavar="PATH",
-                        help="the server's SQLite file (default: as `hematovision serve`, env HEMATOVISION_DB)")
+    export.add_argument("--db", metavar="PATH|URL", help="the server's SQLite file or postgresql:// URL (default: as "
+                        "`hematovision serve`, env HEMATOVISION_DB)")
     return parser
 
 
@@ -39,15 +39,19 @@ def run(args: argparse.Namespace) -> int:
             raise HematoVisionError(f"--out must end in .csv or .jsonl, not {suffix or 'nothing'!r}")
         fmt = suffix[1:]
     db = open_database(args.db)
-    if args.out:
-        try:
-            with open(args.out, "w", encoding="utf-8", newline="") as out:
-                count = export_audit(db, out, fmt, since, args.analysis)
-        except OSError as error:
-            raise HematoVisionError(f"cannot write {args.out}: {error.strerror}") from None
-        print(f"wrote {count} audit row(s) to {args.out}", file=sys.stderr)
-    else:
-        count = export_audit(db, sys.stdout, fmt, since, args.analysis)
-    # Reading the trail is itself an access worth recording.
-    record_audit(db, command_line_user(), "audit_export", detail=f"{count} row(s)" + (f" since {since}" if since else ""))
+    try:
+        if args.out:
+            try:
+                with open(args.out, "w", encoding="utf-8", newline="") as out:
+                    count = export_audit(db, out, fmt, since, args.analysis)
+            except OSError as error:
+                raise HematoVisionError(f"cannot write {args.out}: {error.strerror}") from None
+            print(f"wrote {count} audit row(s) to {args.out}", file=sys.stderr)
+        else:
+            count = export_audit(db, sys.stdout, fmt, since, args.analysis)
+        # Reading the trail is itself an access worth recording.
+        record_audit(db, command_line_user(), "audit_export",
+                     detail=f"{count} row(s)" + (f" since {since}" if since else ""))
+    finally:
+        db.close()  # this process's connections (a PostgreSQL pool)
     return 0

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "backup", help="copy the database and its images into a new folder, consistently, while serving",
         description="Writes PATH/hematovision.db (SQLite's online backup: one consistent snapshot), PATH/images/ "
                     "(the images its rows name) and PATH/backup.json. Restore: hematovision serve "
-                    "--db PATH/hematovision.db --storage PATH/images (or copy both back).")
+                    "--db PATH/hematovision.db --storage PATH/images (or copy both back). A PostgreSQL database "
+                    "is backed up with pg_dump instead (docs/deployment.md).")
     backup.add_argument("path", type=Path, help="the backup folder to create (must not exist)")
     purge = actions.add_parser(
         "purge", help="delete analyses, predictions, reviews and images older than DAYS (dry run without --yes)",
@@ -27,8 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="analyses created more than DAYS days ago")
     purge.add_argument("--yes", action="store_true", help="delete (without it, only count)")
     for sub in (backup, purge):
-        sub.add_argument("--db", metavar="PATH",
-                         help="the server's SQLite file (default: as `hematovision serve`, env HEMATOVISION_DB)")
+        sub.add_argument("--db", metavar="PATH|URL",
+                         help="the server's SQLite file or postgresql:// URL (default: as `hematovision serve`, "
+                              "env HEMATOVISION_DB)")
         sub.add_argument("--storage", metavar="DIR",
                          help="the server's image folder (default: as `hematovision serve`, env HEMATOVISION_STORAGE)")
     return parser
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         _purge(args, settings.db, settings.storage_dir))
 
 
-def _backup(args: argparse.Namespace, db: Path, storage: Path) -> int:
+def _backup(args: argparse.Namespace, db: Path | str, storage: Path) -> int:
     from hematovision.serve.audit import command_line_user, record_audit
     from hematovision.serve.db import Database
     from hematovision.serve.retention import backup
@@ -64,20 +66,20 @@ def _backup(args: argparse.Namespace, db: Path, storage: Path) -> int:
     return 0
 
 
-def _purge(args: argparse.Namespace, db_path: Path, storage: Path) -> int:
+def _purge(args: argparse.Namespace, db_path: Path | str, storage: Path) -> int:
     from hematovision.errors import HematoVisionError
     from hematovision.serve.audit import command_line_user
     from hematovision.serve.db import Database
     from hematovision.serve.retention import purge, purge_candidates, purge_cutoff
 
     cutoff = purge_cutoff(args.older_than)
-    if not db_path.is_file():
+    if isinstance(db_path, Path) and not db_path.is_file():  # a postgresql:// URL: Database checks it
         raise HematoVisionError(f"no database at {db_path}; give the server's --db")
     db = Database(db_path)
     try:
         if not args.yes:
             would = purge_candidates(db, cutoff)
-            print(f"dry run: {would.describe()} created before {cutoff} would be deleted from {db_path} and {storage}")
+            print(f"dry run: {would.describe()} created before {cutoff} would be deleted from {db.location} and {storage}")
             if would.analysis_ids:
                 print(f"  analysis ids {would.analysis_ids[0]}..{would.analysis_ids[-1]}; run again with --yes to delete")
             return 0

@@ -18,11 +18,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--split", help="a part of the run's own split.csv instead, e.g. test")
     evaluate.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<name>)")
     evaluate.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help="dihedral views per image (default: the run's)")
-    evaluate.add_argument("--backend", choices=["torch", "onnx", "int8"],
-                          help="runtime (default: ONNX Runtime when the run has an up-to-date model.onnx, else torch)")
+    evaluate.add_argument("--backend", choices=["auto", "torch", "onnx", "int8", "openvino"],
+                          help="runtime (default auto: OpenVINO when its export passed the accuracy rule, "
+                              "else ONNX Runtime when model.onnx is up to date, else torch)")
     evaluate.add_argument("--workers", type=int, help="image-decoding threads (default: half the CPU cores)")
-    evaluate.add_argument("--batch-size", type=int, default=32,
-                          help="images per forward pass (lower it to lower peak memory; default 32)")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="images per forward pass (default 8: as fast as larger batches on a CPU, "
+                               "less memory)")
     return evaluate
 
 

@@ -19,10 +19,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(env HEMATOVISION_MODEL)")
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
-    parser.add_argument("--db", metavar="PATH", help="SQLite file (default $HEMATOVISION_HOME/serve/hematovision.db)")
+    parser.add_argument("--db", metavar="PATH|URL", help="SQLite file (default $HEMATOVISION_HOME/serve/hematovision.db), "
+                        "or postgresql://USER@HOST/DBNAME shared by several server processes (docs/deployment.md)")
     parser.add_argument("--storage", metavar="DIR", help="folder for uploaded images (default: beside the database)")
-    parser.add_argument("--backend", choices=("auto", "onnx", "int8", "torch"),
-                        help="inference backend (default auto: ONNX Runtime when RUN_DIR/model.onnx exists)")
+    parser.add_argument("--backend", choices=("auto", "onnx", "int8", "openvino", "torch"),
+                        help="inference backend (default auto: OpenVINO when its exported IR passed the accuracy "
+                             "rule, else ONNX Runtime when RUN_DIR/model.onnx is up to date, else PyTorch)")
     parser.add_argument("--threads", type=int, help="CPU threads for inference (default 2)")
     parser.add_argument("--confidence-threshold", type=float,
                         help="flag predictions below this confidence (default: calibrated value)")
@@ -84,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout, max_connections=args.max_connections,
     )
     app = create_app(settings)
+    from hematovision.serve.sql import describe
+
     if not settings.auth:
         print("WARNING: --no-auth: no login, no roles, every action is recorded as user 'local'. "
               "Use it only on a single-user workstation.", file=sys.stderr, flush=True)
     print(f"HematoVision serving {settings.model} on http://{settings.host}:{settings.port} "
-          f"(database {settings.db}; API docs at /docs)", flush=True)
+          f"(database {describe(settings.db)}; API docs at /docs)", flush=True)
     if not settings.allowed_hosts and settings.host in ("0.0.0.0", "::"):
         print("note: only requests for localhost are answered; name this server's host names with "
               "--allowed-hosts (or HEMATOVISION_ALLOWED_HOSTS)", flush=True)

@@ -32,28 +32,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         sub.add_argument("--password-stdin", action="store_true",
                          help="read the password from the first line of standard input (for scripts)")
     for sub in actions.choices.values():
-        sub.add_argument("--db", metavar="PATH",
-                         help="the server's SQLite file (default: as `hematovision serve`, env HEMATOVISION_DB)")
+        sub.add_argument("--db", metavar="PATH|URL",
+                         help="the server's SQLite file or postgresql:// URL (default: as `hematovision serve`, "
+                              "env HEMATOVISION_DB)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Do one user action and print what was done."""
+    db = open_database(args.db, create=args.users_action == "add")
+    try:
+        return _act(args, db)
+    finally:
+        db.close()  # this process's connections (a PostgreSQL pool)
+
+
+def _act(args: argparse.Namespace, db: Database) -> int:
     from hematovision.serve import users
 
-    db = open_database(args.db, create=args.users_action == "add")
     if args.users_action == "add":
         users.check_name(args.name)
         users.check_role(args.role)  # before asking for a password that would be thrown away
         user = users.add_user(db, args.name, args.role, read_password(args.password_stdin))
         _audit(db, "user_add", f"{user.name} as {user.role}")
-        print(f"added {user.role} {user.name!r} to {db.path}")
+        print(f"added {user.role} {user.name!r} to {db.location}")
         if users.count_users(db) == 1:
-            print(f"start the server with: hematovision serve --db {db.path} --model RUN_DIR; log in at /login")
+            print(f"start the server with: hematovision serve --db {db.location} --model RUN_DIR; log in at /login")
     elif args.users_action == "list":
         rows = users.list_users(db)
         if not rows:
-            print(f"no users in {db.path}; add the first admin with: hematovision users add admin --role admin")
+            print(f"no users in {db.location}; add the first admin with: hematovision users add admin --role admin")
         for row in rows:
             status = "disabled" if row["disabled"] else "active"
             print(f"{row['name']:24} {row['role']:13} {status:9} created {row['created_at'][:19]}Z  "
@@ -81,6 +89,8 @@ def open_database(path: str | None, create: bool = False) -> Database:
     from hematovision.serve.settings import Settings
 
     file = Settings.from_env(db=path).db
+    if not isinstance(file, Path):  # a postgresql:// URL: Database says so if it cannot connect
+        return Database(file)
     if path is not None and not Path(file).parent.is_dir():
         raise HematoVisionError(f"the database folder {Path(file).parent} does not exist (--db {path}); "
                                 "create it first or fix the path")

@@ -4,17 +4,23 @@ Evaluation resizes the whole image to a square (single-cell crops are centred on
 cell, so no centre crop is taken). Training adds the augmentations that suit stained
 cells: any dihedral symmetry (a cell has no "up"), small rescaled crops and mild colour
 jitter, which stands in for other labs' stains and scanners.
+
+The evaluation path (:meth:`Preprocessing.prepare`, :func:`normalize_array`) is numpy only, so an
+exported model (ONNX Runtime, OpenVINO) scores images without importing torch; torch is imported
+by the functions that make tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,26 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.array(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
+def normalize_array(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """(N, H, W, 3) or (H, W, 3) uint8 → (N, 3, H, W) or (3, H, W) float32, normalised: ``(x / 255 - mean) / std``.
+
+    The one definition of the model-input arithmetic (:func:`normalize` wraps it for PyTorch). The
+    result is a channels-first view of channels-last memory (what PyTorch's ``channels_last`` format
+    is); ONNX Runtime and OpenVINO take it as it is.
+    """
+    pixels = np.asarray(images).astype(np.float32) / np.float32(255.0)
+    pixels -= np.asarray(prep.mean, dtype=np.float32)
+    pixels /= np.asarray(prep.std, dtype=np.float32)
+    return np.moveaxis(pixels, -1, -3)
+
+
 def normalize(images: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """(N, H, W, 3) or (H, W, 3) uint8 → (N, 3, H, W) or (3, H, W) float32, normalised."""
-    tensor = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    tensor = tensor.movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(prep.mean).view(3, 1, 1)
-    std = torch.tensor(prep.std).view(3, 1, 1)
-    return (tensor - mean) / std
+    """(N, H, W, 3) or (H, W, 3) uint8 → (N, 3, H, W) or (3, H, W) float32 tensor: :func:`normalize_array`."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        return torch.from_numpy(normalize_array(images.detach().cpu().numpy(), prep)).to(images.device)
+    return torch.from_numpy(normalize_array(images, prep))
 
 
 def eval_transform(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
@@ -111,6 +130,8 @@ def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tenso
     A cell's class does not change under flips and 90° rotations, so averaging over them
     removes the orientation noise of a single view.
     """
+    import torch
+
     if views not in (1, 2, 4, 8):
         raise ValueError(f"views must be 1, 2, 4 or 8, got {views}")
     if views == 1:
@@ -142,6 +163,8 @@ class TrainTransform:
         self.strong = strong
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        import torch
+
         height, width = image.shape[:2]
         fraction = rng.uniform(*self.scale)
         side_h, side_w = max(1, round(height * fraction**0.5)), max(1, round(width * fraction**0.5))

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
                     views: int | None = None, backend: str = "auto", workers: int | None = None,
-                    batch_size: int = 32) -> dict:
+                    batch_size: int | None = None) -> dict:
     """Evaluate the run in ``run_dir`` on all images under ``data_dir`` (class folders, or images/ + a labels CSV).
 
     Classes of ``data_dir`` that the model does not know are reported (``unknown_classes``)
@@ -36,7 +36,7 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
 
     Args:
         views: dihedral views averaged per image (default: the run's own setting).
-        backend: ``auto``, ``torch``, ``onnx`` or ``int8`` (see :mod:`hematovision.infer.backend`).
+        backend: ``auto``, ``torch``, ``onnx``, ``int8`` or ``openvino`` (see :mod:`hematovision.infer.backend`).
         workers: image-decoding threads (see :mod:`hematovision.infer.stream`).
         batch_size: images per forward pass; the model's activations, not the images, set the peak
             memory (Lite0 at 224 px: about 400 MB at 32, 100 MB at 8).
@@ -55,7 +55,7 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
 
 
 def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None = None, views: int | None = None,
-                   backend: str = "auto", workers: int | None = None, batch_size: int = 32) -> dict:
+                   backend: str = "auto", workers: int | None = None, batch_size: int | None = None) -> dict:
     """Evaluate the run on one part (``test``, ``val``, ...) of its own ``split.csv``.
 
     A run trained on several datasets also gets metrics per source (``per_source``).
@@ -73,7 +73,7 @@ def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None =
 
 def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path, name: str, context: dict,
                       views: int | None, backend: str = "auto", workers: int | None = None,
-                      batch_size: int = 32) -> dict:
+                      batch_size: int | None = None) -> dict:
     from hematovision.evaluate.report import write_evaluation
     from hematovision.infer.predictor import Predictor
 
@@ -107,6 +107,7 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     metrics["unreadable_files"] = [[display_path(p), reason] for p, reason in failures]
     metrics["views"] = predictor.views
     metrics["backend"] = predictor.backend
+    metrics["precision"] = predictor.precision  # bf16 for OpenVINO on CPUs that have it
     metrics["lab_shift"] = shift.to_dict() if shift is not None else None
     metrics["review"] = review
     write_json(out / METRICS_FILE, metrics)
@@ -114,7 +115,7 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
 
 
 def _stream_scores(predictor: Predictor, samples: Sequence[Sample], workers: int | None,
-                   batch_size: int = 32) -> tuple[list[Sample], np.ndarray, np.ndarray, list[tuple[Path, str]]]:
+                   batch_size: int | None = None) -> tuple[list[Sample], np.ndarray, np.ndarray, list[tuple[Path, str]]]:
     """Score ``samples`` streaming (bounded memory: only the (N, K) probabilities are kept, never the images).
 
     Returns:

@@ -12,7 +12,8 @@ import torch
 from hematovision._io import sha256_file, write_json
 from hematovision.data.transforms import normalize
 from hematovision.errors import DatasetError, HematoVisionError
-from hematovision.infer.runtime import onnx_forward, onnx_session, torch_forward
+from hematovision.infer.exported import onnx_forward, onnx_session
+from hematovision.infer.runtime import torch_forward
 from hematovision.run import EXPORT_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ def prepare_run(
     max_train: int = 3000,
     threads: int = 2,
     predictor: Any = None,
+    openvino: bool = True,
 ) -> dict[str, Any]:
-    """Export ONNX (checked against PyTorch), optionally INT8, and calibrate the review policy.
+    """Export ONNX (checked against PyTorch), its OpenVINO IR, optionally INT8, and calibrate the review policy.
 
     Args:
         run_dir: a run folder from ``hematovision train``.
@@ -43,6 +45,9 @@ def prepare_run(
         max_train: most training images for the OOD model.
         threads: CPU threads.
         predictor: an already loaded predictor (tests); loaded from ``run_dir`` otherwise.
+        openvino: also write the OpenVINO IR (``model.xml``/``model.bin``) of ``model.onnx`` and measure its
+            accuracy against fp32 on the run's test split (``auto`` uses it only within the accuracy rule,
+            see :mod:`hematovision.infer.backend`); skipped with a warning when openvino is not installed.
 
     Returns:
         The report, also written to ``RUN/export.json``.
@@ -96,6 +101,11 @@ def prepare_run(
                           "checked_on": source, **check}
         log.info("ONNX export: max |logit difference| %.2e on %s", check["logits_max_abs_diff"], source)
         forward = onnx_forward(session, prep)
+        if openvino:
+            from hematovision.export.openvino_ir import export_and_measure
+
+            report["openvino"] = export_and_measure(run_dir, model, forward, inputs, source, views, prep,
+                                                    predictor.class_names, splits, threads)
         if int8:
             report["int8"] = _quantize(run_dir, session, predictor, splits or {}, threads)
 

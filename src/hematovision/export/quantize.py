@@ -24,12 +24,13 @@ import numpy as np
 from hematovision._io import atomic_write
 from hematovision._optional import optional_import
 from hematovision.data.transforms import Preprocessing, normalize
+from hematovision.infer.backend import MAX_ACCURACY_LOSS as BACKEND_MAX_ACCURACY_LOSS
 
 log = logging.getLogger(__name__)
 
-#: Largest accepted top-1 accuracy loss (fraction) and smallest speed-up over fp32 ONNX Runtime
-#: for INT8 to be used by default (issue 14).
-MAX_ACCURACY_LOSS = 0.005
+#: Largest accepted top-1 accuracy loss (fraction; owned by the backend rule, shared with OpenVINO) and
+#: smallest speed-up over fp32 ONNX Runtime for INT8 to be used by default (issue 14).
+MAX_ACCURACY_LOSS = BACKEND_MAX_ACCURACY_LOSS
 MIN_SPEEDUP = 1.5
 
 #: Node-name patterns (regular expressions, ``re.search``) of the parts of a HematoVision export

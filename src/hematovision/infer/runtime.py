@@ -1,26 +1,26 @@
 """The network at inference: (logits, features) in one pass, with the run's test-time views.
 
-PyTorch and ONNX Runtime give the same two outputs for the same uint8 images, so the
+PyTorch, ONNX Runtime and OpenVINO give the same two outputs for the same uint8 images, so the
 predictor, the export check, the review-policy calibration and the server all score a run
 the way it was trained and calibrated: a frozen run averages its features over the card's
 views before the head, a fine-tuned run averages its logits.
+
+This module is the PyTorch side; the exported runtimes (ONNX Runtime, OpenVINO), which need no
+torch, are :mod:`hematovision.infer.exported`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hematovision._optional import optional_import
 from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
 from hematovision.errors import HematoVisionError
-
-Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+from hematovision.infer.exported import Forward
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
@@ -90,28 +90,5 @@ def torch_forward(model: nn.Module, prep: Preprocessing, views: int = 1) -> Forw
         with torch.inference_mode():
             logits, features = wrapped(normalize(np.ascontiguousarray(images), prep))
         return logits.numpy(), features.numpy()
-
-    return forward
-
-
-def onnx_session(path: str | Path, threads: int = 2) -> Any:
-    """An ONNX Runtime CPU session for ``path`` with ``threads`` intra-op threads."""
-    ort = optional_import("onnxruntime", "onnx")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Idle worker threads sleep instead of spinning: on a 2-core machine the HTTP server, the
-    # decoders and other processes need those cycles more than the next batch needs a fast start.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_forward(session: Any, prep: Preprocessing) -> Forward:
-    """(N, S, S, 3) uint8 → (logits, features) with ONNX Runtime (the views are in the exported graph)."""
-
-    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = session.run(None, {"input": normalize(np.ascontiguousarray(images), prep).numpy()})
-        return logits, features
 
     return forward

@@ -32,13 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
-from hematovision.infer.runtime import classifier_layer
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 SHIFT_BATCH = 32  # images per calibration batch: a typical upload or a slide's differential
 SHIFT_QUANTILE = 0.99  # of in-lab batch scores: about 1 in 100 in-lab batches of 32 warns
@@ -248,7 +247,6 @@ def _random_batch_scores(scores: np.ndarray, pool: np.ndarray, batch: int, n_bat
     return means
 
 
-@torch.inference_mode()
 def head_inputs(model: nn.Module, pooled: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """The final linear layer's inputs from a frozen classifier's pooled features (no backbone pass).
 
@@ -259,16 +257,22 @@ def head_inputs(model: nn.Module, pooled: np.ndarray, batch_size: int = 1024) ->
     Returns:
         (N, D') float32: what :class:`~hematovision.infer.runtime.LogitsAndFeatures` returns as features.
     """
+    import torch  # only here: the score itself (ShiftReference, ShiftMonitor) is numpy, used without torch
+
+    from hematovision.infer.runtime import classifier_layer
+
     forward_head = getattr(model, "forward_head", None)
     if forward_head is None:
         raise TypeError(f"{type(model).__name__} has no forward_head; it is not a frozen classifier")
     captured: list[Tensor] = []
     handle = classifier_layer(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
     try:
-        for start in range(0, len(pooled), batch_size):
-            forward_head(torch.as_tensor(np.asarray(pooled[start:start + batch_size]), dtype=torch.float32))
+        with torch.inference_mode():
+            for start in range(0, len(pooled), batch_size):
+                forward_head(torch.as_tensor(np.asarray(pooled[start:start + batch_size]), dtype=torch.float32))
     finally:
         handle.remove()
     if not captured:
         return np.zeros((0, classifier_layer(model).in_features), np.float32)
-    return torch.cat([c.flatten(1) for c in captured]).numpy()
+    with torch.inference_mode():
+        return torch.cat([c.flatten(1) for c in captured]).numpy()

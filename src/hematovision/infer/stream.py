@@ -24,6 +24,7 @@ import numpy as np
 
 from hematovision._io import sha256_file
 from hematovision.data.images import ImageLoadError, load_rgb
+from hematovision.infer.exported import BATCH_SIZE
 from hematovision.infer.predictor import Predictor
 
 
@@ -96,7 +97,7 @@ def decode_stream(paths: Sequence[Path], prepare: Callable[[np.ndarray], np.ndar
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def stream_predictions(predictor: Predictor, paths: Sequence[Path], batch_size: int = 32,
+def stream_predictions(predictor: Predictor, paths: Sequence[Path], batch_size: int | None = None,
                        workers: int | None = None, hash_files: bool = False, desc: str = "predicting",
                        progress: bool = True) -> Iterator[StreamResult]:
     """Predict ``paths`` in batches while the next batch is decoded; one result per file, in order.
@@ -112,6 +113,7 @@ def stream_predictions(predictor: Predictor, paths: Sequence[Path], batch_size: 
     """
     from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
+    batch_size = batch_size or BATCH_SIZE
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
     held: list[StreamResult] = []  # a batch's results, unreadable files included, in order
     images: list[np.ndarray] = []

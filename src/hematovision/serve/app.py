@@ -30,6 +30,7 @@ from hematovision.serve.db import EXCLUDED, ConflictError, Database, NotFoundErr
 from hematovision.serve.engine import Engine, PredictorLike, load_engine
 from hematovision.serve.protect import inline_script_policy, install_protections
 from hematovision.serve.settings import Settings
+from hematovision.serve.sql import IntegrityError
 from hematovision.serve.uploads import UploadError
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def _add_docs(app: FastAPI) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     statuses: list[tuple[type[Exception], int]] = [
         (NotFoundError, 404), (ConflictError, 409), (ReviewError, 422),
+        (IntegrityError, 409),  # a constraint of the database (SQLite or PostgreSQL) refused the change
         (NonFiniteOutputError, 503),  # the model, not the upload, is at fault: never store or show "nan"
     ]
     for error_type, status in statuses:

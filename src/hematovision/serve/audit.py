@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import getpass
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,8 +22,10 @@ from typing import Any, TextIO
 
 from hematovision.errors import HematoVisionError
 from hematovision.serve.db import Database
+from hematovision.serve.sql import Connection
 
 COLUMNS = ("id", "at", "user", "action", "analysis_id", "detail", "client")
+_SELECTED = ", ".join(f'"{column}"' for column in COLUMNS)  # quoted: PostgreSQL reserves "user"
 MAX_DETAIL = 2000
 
 
@@ -56,14 +57,14 @@ class AuditEvent:
     client: str | None = None
     analysis_id: int | None = None
 
-    def insert(self, connection: sqlite3.Connection, analysis_id: int | None = None) -> None:
+    def insert(self, connection: Connection, analysis_id: int | None = None) -> None:
         """Write the row with an open connection: inside the transaction of the change it records.
 
         Matches :data:`hematovision.serve.db.AuditHook`, so ``Database.review(..., audit=event.insert)``
         stores the change and its audit row together or not at all.
         """
         connection.execute(
-            "INSERT INTO audit (at, user, action, analysis_id, detail, client) VALUES (?, ?, ?, ?, ?, ?)",
+            'INSERT INTO audit (at, "user", action, analysis_id, detail, client) VALUES (?, ?, ?, ?, ?, ?)',
             (_now(), _clean(self.user, 100), _clean(self.action, 50),
              analysis_id if analysis_id is not None else self.analysis_id,
              _clean(self.detail, MAX_DETAIL), None if self.client is None else _clean(self.client, 100)),
@@ -121,10 +122,10 @@ def iter_audit(db: Database, analysis_id: int | None = None, since: str | None =
         conditions.append("at >= ?")
         parameters.append(since)
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    select = f"SELECT {', '.join(COLUMNS)} FROM audit{where}"
+    select = f"SELECT {_SELECTED} FROM audit{where}"
     query = select + " ORDER BY id"
     if limit is not None:  # the newest ``limit`` rows, still oldest first
-        query = f"SELECT * FROM ({select} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
+        query = f"SELECT * FROM ({select} ORDER BY id DESC LIMIT {int(limit)}) AS newest ORDER BY id"
     with db.connect() as connection:
         for row in connection.execute(query, parameters):
             yield dict(row)

@@ -27,7 +27,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote, urlsplit
 
@@ -94,20 +93,21 @@ def install_auth(app: object, settings: Settings, db: Database) -> AuthConfig:
                     "every right. Only for a single-user workstation.", settings.host, settings.port)
     elif count_users(db) == 0:
         log.warning("no users yet: nobody can log in. Create the first admin with:  "
-                    "hematovision users add admin --role admin --db %s", db.path)
+                    "hematovision users add admin --role admin --db %s", db.location)
     return config
 
 
 def load_secret_key(settings: Settings) -> bytes:
-    """The server's secret: ``HEMATOVISION_SECRET_KEY``, else ``<db folder>/secret_key`` (made once, mode 0600).
+    """The server's secret: ``HEMATOVISION_SECRET_KEY``, else ``<data_dir>/secret_key`` (made once, mode 0600).
 
     Raises:
         HematoVisionError: the key file cannot be read or created.
     """
     if settings.secret_key:
         return settings.secret_key.encode()
-    path = Path(settings.db).parent / "secret_key"
+    path = settings.data_dir / "secret_key"
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a PostgreSQL server has no db folder made for it
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         pass

@@ -1,50 +1,47 @@
-"""SQLite storage of analyses, predictions and reviews.
+"""Storage of analyses, predictions and reviews, in SQLite (the default) or PostgreSQL.
 
-The database runs in WAL mode: readers never block the writer, and a transaction that
-returned from ``COMMIT`` is in the WAL file, so killing the server loses nothing that was
-committed. ``synchronous=FULL`` (the default) also fsyncs the WAL at every commit, so a power
-loss or OS crash loses nothing either; ``NORMAL`` would lose the last commits then. FULL costs an
-fsync per commit: +0.4 ms per upload (median) on a quiet disk, 8-10 ms on a busy one
-(``benchmarks/db_synchronous.py``, docs/deployment.md).
-Every write is one ``BEGIN IMMEDIATE`` transaction, so a request either stores all it
-has or nothing. Each operation opens its own short-lived connection, which keeps the
-database safe to use from the server's worker threads.
+Every write is one transaction, so a request either stores all it has or nothing. Each operation
+takes its own connection (short-lived on SQLite, from a pool on PostgreSQL), which keeps the
+database safe to use from the server's worker threads and from several server processes.
+How each database is reached, locked and spelled (WAL and ``synchronous`` on SQLite, row locks on
+PostgreSQL) is :mod:`hematovision.serve.sql`'s business; the queries here are written once for both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from hematovision.errors import HematoVisionError
+from hematovision.serve.sql import Connection, describe, open_backend
 
 SCHEMA_VERSION = 2  # 2: sign-off columns, users, auth_tokens, audit (serve/users.py, serve/audit.py)
+MAX_ROW_ID = 2**63 - 1  # ids are 64-bit in both databases; SQLite cannot even bind a larger number
 EXCLUDED = "excluded"  # a review label meaning "not a white blood cell": left out of the differential
-SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 
+# Written once for both databases: {id}, {bigint}, {float}, {time} and {nocase} are spelled by the backend
+# (Backend.words in serve/sql.py); the SQLite spelling is the schema as earlier versions wrote it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS analyses (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at TEXT NOT NULL,
+    id {id},
+    created_at {time} NOT NULL,
     sample TEXT NOT NULL DEFAULT '',
     model TEXT NOT NULL,
     n_images INTEGER NOT NULL,
     version INTEGER NOT NULL DEFAULT 0,
     signed_off_by TEXT,
-    signed_off_at TEXT,
+    signed_off_at {time},
     amended_by TEXT,
-    amended_at TEXT
+    amended_at {time}
 );
 CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    analysis_id INTEGER NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
+    id {id},
+    analysis_id {bigint} NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
     position INTEGER NOT NULL,
     filename TEXT NOT NULL,
     stored_name TEXT NOT NULL,
@@ -52,67 +49,66 @@ CREATE TABLE IF NOT EXISTS predictions (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     label TEXT NOT NULL,
-    confidence REAL NOT NULL,
+    confidence {float} NOT NULL,
     probabilities TEXT NOT NULL,
-    ood_score REAL,
+    ood_score {float},
     needs_review INTEGER NOT NULL,
     review_reasons TEXT NOT NULL,
     reviewed_label TEXT,
     reviewer TEXT,
-    reviewed_at TEXT,
+    reviewed_at {time},
     UNIQUE (analysis_id, position)
 );
 CREATE INDEX IF NOT EXISTS predictions_analysis ON predictions (analysis_id);
 CREATE INDEX IF NOT EXISTS predictions_sha256 ON predictions (sha256);
 CREATE TABLE IF NOT EXISTS reviews (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    analysis_id INTEGER NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
-    prediction_id INTEGER NOT NULL REFERENCES predictions(id) ON DELETE CASCADE,
+    id {id},
+    analysis_id {bigint} NOT NULL REFERENCES analyses(id) ON DELETE CASCADE,
+    prediction_id {bigint} NOT NULL REFERENCES predictions(id) ON DELETE CASCADE,
     label TEXT NOT NULL,
     previous_label TEXT NOT NULL,
     reviewer TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at {time} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reviews_analysis ON reviews (analysis_id);
 -- Users, their login sessions and API tokens: read and written by serve/users.py.
 CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    id {id},
+    name TEXT NOT NULL {nocase},
     role TEXT NOT NULL CHECK (role IN ('technologist', 'reviewer', 'admin')),
     password_hash TEXT NOT NULL,
     disabled INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL
+    created_at {time} NOT NULL
 );
+-- Names are unique whatever their case, and looked up as lower(name) = lower(?) in both databases.
+CREATE UNIQUE INDEX IF NOT EXISTS users_name_lower ON users (lower(name));
 CREATE TABLE IF NOT EXISTS auth_tokens (
     token_hash TEXT PRIMARY KEY,  -- sha256 of the token: a copy of the database holds no usable token
-    user_id INTEGER NOT NULL REFERENCES users(id),
+    user_id {bigint} NOT NULL REFERENCES users(id),
     kind TEXT NOT NULL CHECK (kind IN ('session', 'api')),
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL
+    created_at {time} NOT NULL,
+    expires_at {time} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS auth_tokens_user ON auth_tokens (user_id);
--- The audit trail (serve/audit.py): append-only, enforced by the triggers below. No foreign key on
--- analysis_id: the trail outlives purged or deleted analyses.
+-- The audit trail (serve/audit.py): append-only, enforced by triggers (AUDIT_APPEND_ONLY below). No foreign
+-- key on analysis_id: the trail outlives purged or deleted analyses. "user" is quoted: PostgreSQL reserves it.
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    user TEXT NOT NULL,
+    id {id},
+    at {time} NOT NULL,
+    "user" TEXT NOT NULL,
     action TEXT NOT NULL,
-    analysis_id INTEGER,
+    analysis_id {bigint},
     detail TEXT NOT NULL DEFAULT '',
     client TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_analysis ON audit (analysis_id);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
+AUDIT_APPEND_ONLY = "the audit trail is append-only"  # what an UPDATE or DELETE of an audit row is refused with
 # Columns added after schema 1; a database written by an older version gets them on opening.
 _ADDED_COLUMNS = {"analyses": ("signed_off_by TEXT", "signed_off_at TEXT", "amended_by TEXT", "amended_at TEXT")}
 
-AuditHook = Callable[[sqlite3.Connection, int], None]
+AuditHook = Callable[[Connection, int], None]
 """Writes the audit row of a change inside the change's own transaction (given the connection and the
 analysis id), so a change is never stored without its audit row; see :class:`hematovision.serve.audit.AuditEvent`."""
 
@@ -169,77 +165,45 @@ def _now() -> str:
 
 
 class Database:
-    """The app's SQLite file.
+    """The app's database: a SQLite file (the default) or a PostgreSQL database several app processes share.
 
     Args:
-        path: database file; its folder is created and the schema applied when missing.
+        path: a SQLite file (its folder is created when missing) or a ``postgresql://user@host/dbname``
+            URL (see :func:`hematovision.serve.sql.database_location`); the schema is applied when missing.
         synchronous: SQLite's ``synchronous`` setting for every connection: ``FULL`` (committed
-            means on disk, even through a power loss), ``NORMAL`` or ``EXTRA``.
+            means on disk, even through a power loss), ``NORMAL`` or ``EXTRA``; PostgreSQL ignores it.
+
+    Attributes:
+        backend: how the database is reached (:class:`hematovision.serve.sql.Backend`).
+        path: the SQLite file; ``None`` on PostgreSQL.
+        location: the file or URL, for messages (a URL's password hidden).
     """
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
-        if synchronous.upper() not in SYNCHRONOUS_MODES:
-            raise HematoVisionError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
-        self.synchronous = synchronous.upper()
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(_SCHEMA)
-            for table, columns in _ADDED_COLUMNS.items():
-                present = {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}
-                for column in columns:
-                    if column.split()[0] not in present:
-                        connection.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise HematoVisionError(
-                    f"{self.path} was written by a newer HematoVision (schema {version} > {SCHEMA_VERSION})"
-                )
-            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # One connection stays open for the database's lifetime: otherwise every request's
-        # connection would be the last to close and would checkpoint and delete the WAL file,
-        # an fsync per request. SQLite still checkpoints on its own every 1000 pages.
-        self._keeper = sqlite3.connect(self.path, check_same_thread=False)
-        self._keeper.execute("SELECT COUNT(*) FROM analyses").fetchone()  # a read attaches it to the WAL
+        self.backend = open_backend(path, synchronous)
+        self.path = self.backend.path
+        self.location = describe(self.backend.location)
+        ddl = _SCHEMA.format(**self.backend.words) + self.backend.append_only("audit", AUDIT_APPEND_ONLY)
+        self.backend.apply_schema(ddl, _ADDED_COLUMNS, SCHEMA_VERSION)
 
     def close(self) -> None:
-        """Close the long-lived connection (the WAL is checkpointed if no one else has the file open)."""
-        self._keeper.close()
+        """Release this process's connections (SQLite checkpoints its WAL if no one else has the file open)."""
+        self.backend.close()
 
-    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """A short-lived connection for reads (rows as :class:`sqlite3.Row`); for the modules that own other tables."""
-        return self._connect()
+    def connect(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for reads (rows by index and by column name); for the modules that own other tables."""
+        return self.backend.connect()
 
-    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction, committed on exit and rolled back on an exception."""
-        return self._transaction()
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        """One write transaction, committed on exit and rolled back on an exception.
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below), never implicit.
-        connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        try:
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA foreign_keys=ON")
-            connection.execute(f"PRAGMA synchronous={self.synchronous}")  # one of SYNCHRONOUS_MODES
-            connection.execute("PRAGMA busy_timeout=30000")
-            yield connection
-        finally:
-            connection.close()
+        Writers queue: ``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL a read that decides a write ends in
+        ``self.backend.for_update``.
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so two writers queue instead of failing
-        # half-way with "database is locked" when one upgrades a read lock.
-        with self._connect() as connection:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+        Raises:
+            hematovision.serve.sql.IntegrityError: a constraint refused the change (nothing was stored).
+        """
+        return self.backend.transaction()
 
     def add_analysis(self, sample: str, model: str, records: Sequence[PredictionRecord],
                      audit: AuditHook | None = None) -> int:
@@ -247,12 +211,11 @@ class Database:
 
         ``audit`` writes the upload's audit row in the same transaction.
         """
-        with self._transaction() as connection:
-            cursor = connection.execute(
-                "INSERT INTO analyses (created_at, sample, model, n_images) VALUES (?, ?, ?, ?)",
+        with self.transaction() as connection:
+            analysis_id = int(connection.execute(
+                "INSERT INTO analyses (created_at, sample, model, n_images) VALUES (?, ?, ?, ?) RETURNING id",
                 (_now(), sample, model, len(records)),
-            )
-            analysis_id = int(cursor.lastrowid or 0)
+            ).fetchone()[0])
             connection.executemany(
                 "INSERT INTO predictions (analysis_id, position, filename, stored_name, sha256, width, height,"
                 " label, confidence, probabilities, ood_score, needs_review, review_reasons)"
@@ -274,7 +237,7 @@ class Database:
         Raises:
             NotFoundError: no analysis has this id.
         """
-        with self._connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(_ANALYSIS_SELECT + " WHERE a.id = ?", (analysis_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"analysis {analysis_id} does not exist")
@@ -303,21 +266,22 @@ class Database:
         query = query.strip()
         if query:
             pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            condition = ("(a.sample LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM predictions q"
-                         " WHERE q.analysis_id = a.id AND q.filename LIKE ? ESCAPE '\\')")
+            # lower() on both sides: SQLite's LIKE ignores case, PostgreSQL's does not.
+            condition = ("(lower(a.sample) LIKE lower(?) ESCAPE '\\' OR EXISTS (SELECT 1 FROM predictions q"
+                         " WHERE q.analysis_id = a.id AND lower(q.filename) LIKE lower(?) ESCAPE '\\')")
             parameters += [pattern, pattern]
-            if query.isdigit():
+            if query.isascii() and query.isdigit() and int(query) <= MAX_ROW_ID:  # "²" is a digit; 2**63 no id
                 condition += " OR a.id = ?"
                 parameters.append(int(query))
             conditions.append(condition + ")")
         status_condition = {
-            None: "1", "unreviewed": "n_reviewed = 0", "partial": "n_reviewed > 0 AND n_reviewed < n_images",
+            None: "1 = 1", "unreviewed": "n_reviewed = 0", "partial": "n_reviewed > 0 AND n_reviewed < n_images",
             "reviewed": "n_reviewed = n_images", "needs_review": "n_flagged_open > 0",
         }[status]
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
-        base = f"SELECT * FROM ({_ANALYSIS_SELECT}{where}) WHERE {status_condition}"
-        with self._connect() as connection:
-            total = connection.execute(f"SELECT COUNT(*) FROM ({base})", parameters).fetchone()[0]
+        base = f"SELECT * FROM ({_ANALYSIS_SELECT}{where}) AS matching WHERE {status_condition}"
+        with self.connect() as connection:
+            total = connection.execute(f"SELECT COUNT(*) FROM ({base}) AS counted", parameters).fetchone()[0]
             rows = connection.execute(
                 base + " ORDER BY id DESC LIMIT ? OFFSET ?", [*parameters, page_size, (page - 1) * page_size]
             ).fetchall()
@@ -329,7 +293,7 @@ class Database:
         Raises:
             NotFoundError: no prediction has this id.
         """
-        with self._connect() as connection:
+        with self.connect() as connection:
             row = connection.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"prediction {prediction_id} does not exist")
@@ -376,7 +340,7 @@ class Database:
         if unknown:
             raise ReviewError(f"unknown label(s) {unknown}; use one of {list(allowed_labels)}")
         now = _now()
-        with self._transaction() as connection:
+        with self.transaction() as connection:
             row = self._locked_row(connection, analysis_id, expected_version)
             if row["signed_off_at"] is not None and not amend:
                 raise SignedOffError(f"analysis {analysis_id} was signed off by {row['signed_off_by']} at "
@@ -426,7 +390,7 @@ class Database:
                 review are still open.
             SignedOffError: it is signed off already.
         """
-        with self._transaction() as connection:
+        with self.transaction() as connection:
             row = self._locked_row(connection, analysis_id, expected_version)
             if row["signed_off_at"] is not None:
                 raise SignedOffError(f"analysis {analysis_id} was already signed off by {row['signed_off_by']} "
@@ -444,11 +408,11 @@ class Database:
                 audit(connection, analysis_id)
         return version
 
-    @staticmethod
-    def _locked_row(connection: sqlite3.Connection, analysis_id: int, expected_version: int | None) -> sqlite3.Row:
-        # Read inside the write transaction: the version check and the change cannot be split by another writer.
-        row: sqlite3.Row | None = connection.execute(
-            "SELECT version, signed_off_by, signed_off_at FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+    def _locked_row(self, connection: Connection, analysis_id: int, expected_version: int | None) -> Any:
+        # Read inside the write transaction, and locked (FOR UPDATE on PostgreSQL): the version check and the
+        # change cannot be split by another writer, in this process or another.
+        row = connection.execute("SELECT version, signed_off_by, signed_off_at FROM analyses WHERE id = ?"
+                                 + self.backend.for_update, (analysis_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"analysis {analysis_id} does not exist")
         if expected_version is not None and expected_version != row["version"]:
@@ -459,7 +423,7 @@ class Database:
 
     def review_log(self, analysis_id: int) -> list[dict[str, Any]]:
         """Every review action on an analysis, oldest first."""
-        with self._connect() as connection:
+        with self.connect() as connection:
             rows = connection.execute(
                 "SELECT * FROM reviews WHERE analysis_id = ? ORDER BY id", (analysis_id,)
             ).fetchall()
@@ -476,7 +440,7 @@ FROM analyses a
 """
 
 
-def _analysis_summary(row: sqlite3.Row) -> dict[str, Any]:
+def _analysis_summary(row: Any) -> dict[str, Any]:
     n_images, n_reviewed = int(row["n_images"]), int(row["n_reviewed"])
     status = "unreviewed" if n_reviewed == 0 else "reviewed" if n_reviewed >= n_images else "partial"
     return {
@@ -496,7 +460,7 @@ def _analysis_summary(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _prediction_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _prediction_dict(row: Any) -> dict[str, Any]:
     return {
         "id": int(row["id"]),
         "position": int(row["position"]),

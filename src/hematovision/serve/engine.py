@@ -1,4 +1,4 @@
-"""The served model: preprocessing, batched inference (ONNX Runtime or PyTorch), review flags, Grad-CAM.
+"""The served model: preprocessing, batched inference (OpenVINO, ONNX Runtime or PyTorch), review flags, Grad-CAM.
 
 The engine is built once at start-up from a predictor (see ``hematovision.predict``) and
 is then used from two places: the micro-batcher's single inference thread
@@ -21,13 +21,23 @@ from torch import nn
 from hematovision.data.transforms import Preprocessing, normalize
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
+from hematovision.infer.backend import LoadedBackend, load_backend
+from hematovision.infer.exported import BATCH_SIZE, Forward
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
 from hematovision.infer.shift import LabShift, ShiftReference
-from hematovision.run import INT8_FILE, ONNX_FILE
 
 log = logging.getLogger(__name__)
+
+#: How ``/health``, ``/api/v1/model`` and the answers name each backend of :mod:`hematovision.infer.backend`.
+# The micro-batcher may gather more images than one model call should take (activation memory grows
+# with the batch, images/s does not: infer/exported.BATCH_SIZE). So a batch is run in calls of at most
+# MODEL_CHUNK images, and the start-up pass runs one full call: the memory serving needs is taken at
+# start, not in the first rush.
+MODEL_CHUNK = BATCH_SIZE
+
+BACKEND_LABELS = {"torch": "pytorch", "onnx": "onnxruntime", "int8": "onnxruntime-int8", "openvino": "openvino"}
 
 
 class PredictorLike(Protocol):
@@ -72,9 +82,9 @@ class Engine:
 
     Args:
         predictor: the loaded run (class names, preprocessing, model, temperature, card).
-        run_dir: the run folder, searched for ``model.onnx`` and the review policy.
-        backend: ``auto`` (ONNX Runtime when ``model.onnx`` exists), ``onnx``, ``int8``
-            (``model.int8.onnx``) or ``torch``.
+        run_dir: the run folder, searched for its exports and the review policy.
+        backend: ``auto`` (the best up-to-date export, see :mod:`hematovision.infer.backend`), ``onnx``,
+            ``int8`` (``model.int8.onnx``), ``openvino`` (``model.xml``) or ``torch``.
         threads: CPU threads for inference.
         confidence_threshold: overrides the calibrated confidence threshold.
         policy: overrides the policy found in ``run_dir`` (tests inject one).
@@ -120,27 +130,24 @@ class Engine:
         if confidence_threshold is not None:
             self.policy = replace(self.policy, confidence_threshold=confidence_threshold)
 
-        self._session: Any = None
-        onnx_name = INT8_FILE if backend == "int8" else ONNX_FILE
-        onnx_path = self.run_dir / onnx_name if self.run_dir else None
-        if backend in ("onnx", "int8") and "onnx" in stale:
-            raise HematoVisionError(f"{onnx_name} was exported from other weights than model.safetensors; "
-                                    "run `hematovision export RUN` again")
-        if "onnx" in stale:
-            onnx_path = None  # auto: fall back to PyTorch rather than serve an outdated export
-        if backend in ("onnx", "int8") and (onnx_path is None or not onnx_path.is_file()):
-            raise HematoVisionError(f"backend {backend!r} needs {onnx_name} in the run folder; "
-                                    f"run `hematovision export RUN{' --int8' if backend == 'int8' else ''}`")
-        if backend in ("auto", "onnx", "int8") and onnx_path is not None and onnx_path.is_file():
-            from hematovision.infer.runtime import onnx_session
-
-            self._session = onnx_session(onnx_path, threads)
-        self.backend = {"int8": "onnxruntime-int8"}.get(backend, "onnxruntime") if self._session else "pytorch"
+        # The same rule as `predict`/`evaluate` (hematovision.infer.backend): auto takes OpenVINO when its
+        # measured accuracy loss is within the rule, else an up-to-date model.onnx, else PyTorch.
+        if self.run_dir is not None:
+            loaded = load_backend(self.run_dir, self.views, self.prep, threads, backend, stale)
+        elif backend in ("auto", "torch"):
+            loaded = LoadedBackend("torch", None, "f32")
+        else:
+            raise HematoVisionError(f"backend {backend!r} needs a run folder with its export; "
+                                    "run `hematovision export RUN`")
+        self._exported: Forward | None = loaded.forward
+        self.backend = BACKEND_LABELS[loaded.name]
+        self.precision = loaded.precision
         self._check()
-        log.info("serving %d classes with %s at %d px", len(self.class_names), self.backend, self.prep.image_size)
+        log.info("serving %d classes with %s (%s) at %d px", len(self.class_names), self.backend, self.precision,
+                 self.prep.image_size)
 
     def _stale_exports(self) -> set[str]:
-        """Which exported files (``onnx``, ``policy``) were made from other weights or other views."""
+        """Which exported files (``onnx``, ``openvino``, ``policy``) were made from other weights or other views."""
         from hematovision.infer.backend import stale_exports
 
         return stale_exports(self.run_dir, self.views) if self.run_dir is not None else set()
@@ -149,7 +156,7 @@ class Engine:
         # One pass at start-up: it warms the backend (the first request is not the slow one) and
         # catches a review policy calibrated for another model before any request fails on it.
         size = self.prep.image_size
-        logits, features = self.forward(np.zeros((1, size, size, 3), np.uint8))
+        logits, features = self.forward(np.zeros((MODEL_CHUNK, size, size, 3), np.uint8))
         if logits.shape[1] != len(self.class_names):
             raise HematoVisionError(f"the model has {logits.shape[1]} outputs but the card lists "
                                     f"{len(self.class_names)} classes")
@@ -169,10 +176,12 @@ class Engine:
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, K) and features (N, D) for prepared images (N, S, S, 3) uint8."""
+        if len(batch) > MODEL_CHUNK:
+            parts = [self.forward(batch[i : i + MODEL_CHUNK]) for i in range(0, len(batch), MODEL_CHUNK)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if self._exported is not None:  # ONNX Runtime or OpenVINO: the views are in the exported graph
+            return self._exported(batch)
         inputs = normalize(batch, self.prep)
-        if self._session is not None:
-            logits, features = self._session.run(None, {"input": inputs.numpy()})
-            return logits, features
         with self._torch_lock, torch.inference_mode():
             logits_t, features_t = self._wrapped(inputs)
         return logits_t.numpy(), features_t.numpy()
@@ -239,6 +248,7 @@ class Engine:
             "preprocessing": self.prep.to_dict(),
             "temperature": self.temperature,
             "backend": self.backend,
+            "precision": self.precision,
             "review_policy": self.policy.describe(),
             "card": self.card,
         }

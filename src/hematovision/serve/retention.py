@@ -1,6 +1,6 @@
 """Patient data over time: backups, deleting one analysis, and purging everything older than N days.
 
-The server keeps two things per analysis: rows in the SQLite database (``analyses``,
+The server keeps two things per analysis: rows in the database (``analyses``,
 ``predictions``, ``reviews``) and image files in the storage folder, named by content
 (``ab/abcdef....png``), so an image uploaded twice is stored once and may belong to several
 analyses. Deleting is therefore: rows first, in one transaction (with its audit row), then only
@@ -15,7 +15,9 @@ A backup is a folder::
       backup.json       when, from where, counts, and the copy's integrity check
 
 Restore by serving from it (``hematovision serve --db BACKUP/hematovision.db --storage BACKUP/images``)
-or by copying both back. Used by ``hematovision db backup|purge`` and the admin's delete route.
+or by copying both back. A PostgreSQL database is backed up with ``pg_dump`` instead (its own consistent
+snapshot; :func:`backup` refuses it and says so). Used by ``hematovision db backup|purge`` and the admin's
+delete route; deleting and purging work on both databases.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from hematovision.errors import HematoVisionError
 from hematovision.serve.db import AuditHook, Database, NotFoundError
+from hematovision.serve.sql import Connection, describe, is_postgres
 
 BACKUP_DB = "hematovision.db"
 BACKUP_IMAGES = "images"
@@ -100,7 +103,9 @@ def delete_analysis(db: Database, storage_dir: str | Path, analysis_id: int, aud
         NotFoundError: no analysis has this id (nothing is changed).
     """
     with db.transaction() as connection:
-        exists = connection.execute("SELECT 1 FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+        # Locked (on PostgreSQL) before its rows go: a review of it in another process waits, then finds it gone.
+        exists = connection.execute("SELECT 1 FROM analyses WHERE id = ?" + db.backend.for_update,
+                                    (analysis_id,)).fetchone()
         if exists is None:
             raise NotFoundError(f"analysis {analysis_id} does not exist")
         deleted, unused = _delete_rows(connection, [analysis_id])
@@ -166,7 +171,8 @@ def purge(db: Database, storage_dir: str | Path, cutoff: str, user: str, batch_s
     while True:
         with db.transaction() as connection:
             ids = [int(row[0]) for row in connection.execute(
-                "SELECT id FROM analyses WHERE created_at < ? ORDER BY id LIMIT ?", (cutoff, batch_size))]
+                "SELECT id FROM analyses WHERE created_at < ? ORDER BY id LIMIT ?" + db.backend.for_update,
+                (cutoff, batch_size))]
             if not ids:
                 break
             batch, unused = _delete_rows(connection, ids)
@@ -179,7 +185,7 @@ def purge(db: Database, storage_dir: str | Path, cutoff: str, user: str, batch_s
     return total
 
 
-def _delete_rows(connection: sqlite3.Connection, ids: Sequence[int]) -> tuple[Deleted, set[str]]:
+def _delete_rows(connection: Connection, ids: Sequence[int]) -> tuple[Deleted, set[str]]:
     """Delete the analyses' rows inside the caller's transaction; returns the counts and the file
     names no remaining prediction uses."""
     marks = ",".join("?" * len(ids))
@@ -286,13 +292,19 @@ def backup(db_path: str | Path, destination: str | Path, storage_dir: str | Path
     complete backup; the copy must pass ``PRAGMA integrity_check`` first.
 
     Args:
-        db_path: the server's database file.
+        db_path: the server's database file (a ``postgresql://`` URL is refused).
         destination: the backup folder to create; it must not exist yet.
         storage_dir: the server's image folder.
 
     Raises:
-        RetentionError: no database there, the destination exists, or the copy fails its check.
+        RetentionError: a PostgreSQL database (back it up with ``pg_dump``), no database there, the
+            destination exists, or the copy fails its check.
     """
+    if is_postgres(db_path):
+        raise RetentionError(
+            f"db backup copies a SQLite database; back up PostgreSQL with pg_dump (pg_dump --format=custom "
+            f"--file=hematovision.dump '{describe(db_path)}') and copy the image folder {storage_dir} "
+            "(docs/deployment.md)")
     started = time.monotonic()
     db_path, destination, storage_dir = Path(db_path), Path(destination), Path(storage_dir)
     if not db_path.is_file():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hematovision.errors import HematoVisionError
 from hematovision.paths import hematovision_home
+from hematovision.serve.sql import database_location
 
 ENV_PREFIX = "HEMATOVISION_"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # where --no-auth may listen
@@ -26,12 +27,15 @@ class Settings:
 
     Attributes:
         model: run folder to serve (``model.safetensors`` + ``model_card.json``; ``model.onnx`` if exported).
-        db: SQLite database file; created if missing.
-        storage: folder for the uploaded images (server-chosen names); default ``<db folder>/images``.
+        db: SQLite database file (created if missing), or a PostgreSQL URL ``postgresql://user@host/dbname``
+            that several app processes share (serve/sql.py; docs/deployment.md).
+        storage: folder for the uploaded images (server-chosen names); default ``<data_dir>/images``. Processes
+            sharing a PostgreSQL database must share this folder too.
         host: interface to listen on (``127.0.0.1`` keeps the server local).
         port: TCP port.
-        backend: ``auto`` (ONNX Runtime when ``model.onnx`` exists, else PyTorch), ``onnx``,
-            ``int8`` (``model.int8.onnx`` from ``hematovision export --int8``) or ``torch``.
+        backend: ``auto`` (the best up-to-date export: OpenVINO within the accuracy rule, else ONNX
+            Runtime, else PyTorch; see ``hematovision.infer.backend``), ``onnx``, ``int8``
+            (``model.int8.onnx`` from ``hematovision export --int8``), ``openvino`` or ``torch``.
         threads: CPU threads for inference.
         max_file_bytes: largest single upload (an image or a zip), in bytes.
         max_request_bytes: largest request body, in bytes; checked before parsing.
@@ -60,8 +64,9 @@ class Settings:
             headers before anything is decoded.
         auth: require a logged-in user (serve/auth.py); ``False`` (``--no-auth``) only for a
             single-user workstation bound to 127.0.0.1/localhost, every action then by user ``local``.
-        secret_key: key for the CSRF tokens; ``None`` uses ``<db folder>/secret_key`` (created
-            once, mode 0600). Set it as ``HEMATOVISION_SECRET_KEY`` when the db folder is shared.
+        secret_key: key for the CSRF tokens; ``None`` uses ``<data_dir>/secret_key`` (created
+            once, mode 0600). Set it as ``HEMATOVISION_SECRET_KEY`` when the db folder is shared, and
+            to the same value in every process that shares a PostgreSQL database.
         session_hours: how long a browser login lasts.
         token_days: how long an API token from ``/api/v1/auth/token`` lasts.
         db_synchronous: SQLite ``synchronous`` for the database: ``FULL`` (default: a stored analysis
@@ -70,7 +75,7 @@ class Settings:
     """
 
     model: Path | None = None
-    db: Path = field(default_factory=_default_db)
+    db: Path | str = field(default_factory=_default_db)  # a str only for a postgresql:// URL
     storage: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -102,8 +107,10 @@ class Settings:
     db_synchronous: str = "FULL"
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "onnx", "int8", "torch"):
-            raise HematoVisionError(f"backend must be auto, onnx, int8 or torch, not {self.backend!r}")
+        # A path (or sqlite:///path) becomes a Path, a postgresql:// URL stays text ("//" would not survive a Path).
+        object.__setattr__(self, "db", database_location(self.db))
+        if self.backend not in ("auto", "onnx", "int8", "openvino", "torch"):
+            raise HematoVisionError(f"backend must be auto, onnx, int8, openvino or torch, not {self.backend!r}")
         for name in ("max_file_bytes", "max_request_bytes", "max_files", "max_pixels", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise HematoVisionError(f"{name} must be at least 1")
@@ -126,9 +133,15 @@ class Settings:
             raise HematoVisionError(f"db_synchronous must be FULL, NORMAL or EXTRA, not {self.db_synchronous!r}")
 
     @property
+    def data_dir(self) -> Path:
+        """The folder for what the server keeps beside its database: the SQLite file's folder, or
+        ``$HEMATOVISION_HOME/serve`` for a PostgreSQL database."""
+        return self.db.parent if isinstance(self.db, Path) else hematovision_home() / "serve"
+
+    @property
     def storage_dir(self) -> Path:
         """Where uploaded images are kept."""
-        return self.storage if self.storage is not None else self.db.parent / "images"
+        return self.storage if self.storage is not None else self.data_dir / "images"
 
     @property
     def trusted_hosts(self) -> tuple[str, ...]:
@@ -157,7 +170,7 @@ class Settings:
             if raw is not None and raw != "":
                 values[spec.name] = _parse(spec.name, str(spec.type), raw)
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("model", "db", "storage"):
+        for key in ("model", "storage"):  # db: __post_init__ (a postgresql:// URL must stay text)
             if values.get(key) is not None:
                 values[key] = Path(str(values[key])).expanduser()
         return replace(cls(), **values)  # type: ignore[arg-type]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from hematovision.errors import HematoVisionError
 from hematovision.serve.db import Database
+from hematovision.serve.sql import Connection, IntegrityError
 
 ROLES = ("technologist", "reviewer", "admin")
 """Each role may do what the roles before it may: a technologist uploads, views and pre-reviews; a reviewer
@@ -128,12 +128,12 @@ def add_user(db: Database, name: str, role: str, password: str) -> User:
     hashed = password_hasher().hash(check_password(password))
     try:
         with db.transaction() as connection:
-            cursor = connection.execute(
-                "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                (name, role, hashed, _stamp(_now())))
-    except sqlite3.IntegrityError:
+            user_id = int(connection.execute(
+                "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+                (name, role, hashed, _stamp(_now()))).fetchone()[0])
+    except IntegrityError:  # the unique index on lower(name), in either database
         raise UserError(f"user {name!r} exists already") from None
-    return User(int(cursor.lastrowid or 0), name, role)
+    return User(user_id, name, role)
 
 
 def list_users(db: Database) -> list[dict[str, Any]]:
@@ -191,8 +191,8 @@ def check_login(db: Database, name: str, password: str) -> tuple[User | None, st
     from argon2.exceptions import InvalidHashError, VerificationError
 
     with db.connect() as connection:
-        row = connection.execute("SELECT id, name, role, password_hash, disabled FROM users WHERE name = ?",
-                                 (name,)).fetchone() if 0 < len(name) <= 64 else None
+        row = connection.execute("SELECT id, name, role, password_hash, disabled FROM users"
+                                 " WHERE lower(name) = lower(?)", (name,)).fetchone() if 0 < len(name) <= 64 else None
     if len(password) > MAX_PASSWORD:
         return None, "password over the length limit"
     try:
@@ -243,8 +243,8 @@ def revoke_token(db: Database, token: str) -> None:
         connection.execute("DELETE FROM auth_tokens WHERE token_hash = ?", (hash_token(token),))
 
 
-def _user_id(connection: sqlite3.Connection, name: str) -> int:
-    row = connection.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+def _user_id(connection: Connection, name: str) -> int:
+    row = connection.execute("SELECT id FROM users WHERE lower(name) = lower(?)", (name,)).fetchone()
     if row is None:
         raise UserError(f"no user named {name!r}")
     return int(row[0])

@@ -11,7 +11,6 @@ gets the same copies in any run with the same settings, and the cache can serve 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from hematovision.data.folder import Sample, load_images
 from hematovision.data.stain import augment_stain, fit_stain_reference, normalize_stain
 from hematovision.data.transforms import Preprocessing
 from hematovision.errors import DatasetError
-from hematovision.train.features import FeatureExtractor
+from hematovision.train.features import FeatureExtractor, fill_store
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +85,13 @@ def augmented_copy_features(extractor: FeatureExtractor, images: np.ndarray, dig
     todo = store.missing(keys)
     if todo:
         log.info("%d augmented copies to compute (%d cached)", len(todo), len(keys) - len(todo))
-    for start in range(0, len(todo), _CHUNK):
-        chunk = todo[start : start + _CHUNK]
-        started = time.perf_counter()
+
+    def compute(positions: list[int]) -> np.ndarray:
         batch = np.stack([augmented_copy(images[k % n], digests[k % n], k // n + 1, strength, seed, extractor.prep)
-                          for k in chunk])
-        store.add([keys[k] for k in chunk], extractor.extract(batch, progress=True), time.perf_counter() - started)
-    return store.get(keys)
+                          for k in positions])
+        return extractor.extract(batch, progress=True)
+
+    return fill_store(store, keys, compute, chunk=_CHUNK)
 
 
 def copies_record(copies: int, strength: float, originals: int) -> dict[str, Any]:

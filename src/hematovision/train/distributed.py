@@ -195,6 +195,9 @@ def session() -> Iterator[World]:
     try:
         with stop_together(current):
             yield current
+        # Leave together: a rank that tears its gloo group down while rank 0 still writes the run
+        # folder was seen to abort at exit ("terminate called without an active exception").
+        current.barrier()
     finally:
         cleanup()
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from hematovision._io import atomic_write, sha256_file, write_json
 from hematovision.data.transforms import Preprocessing, dihedral_mean, normalize
 from hematovision.models.frozen import DEFAULT_BACKBONE, DEFAULT_TAPS, build_frozen_features, frozen_input_spec
 from hematovision.paths import hematovision_home
+from hematovision.train.distributed import world
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ class FeatureStore:
                 positions.append(position)
         return positions
 
-    def add(self, keys: Sequence[str], rows: np.ndarray, seconds: float) -> None:
-        """Store ``rows`` (computed in ``seconds``) under ``keys`` and save atomically."""
+    def add(self, keys: Sequence[str], rows: np.ndarray, seconds: float, persist: bool = True) -> None:
+        """Store ``rows`` (computed in ``seconds``) under ``keys`` and save atomically.
+
+        Args:
+            persist: write to disk; ``False`` keeps the rows in memory only (the ranks of a
+                distributed run other than rank 0, which writes them).
+        """
         if not len(keys):
             return
         existing = self.rows()
@@ -75,9 +81,10 @@ class FeatureStore:
             with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to the name
                 np.save(handle, combined)
 
-        atomic_write(self.folder / "rows.npy", save)
         self._rows = combined
-        self._save_index()
+        if persist:
+            atomic_write(self.folder / "rows.npy", save)
+            self._save_index()
 
     def rows(self) -> np.ndarray:
         """All stored rows, in storage order."""
@@ -94,6 +101,36 @@ class FeatureStore:
         write_json(self.folder / "index.json", self.index)
         write_json(self.folder / "meta.json", {"seconds_per_row": self.seconds_per_row, "keys": _KEYS,
                                                "shape": list(self.rows().shape)})
+
+
+def fill_store(store: FeatureStore, keys: Sequence[str], compute: Callable[[list[int]], np.ndarray],
+               chunk: int | None = None) -> np.ndarray:
+    """The rows of ``keys``, computing the missing ones with ``compute(positions)``, a chunk at a time.
+
+    Under ``torchrun`` the processes share the work: rank 0 says which rows are missing, each rank
+    computes its contiguous slice of every chunk, and the slices are gathered in order, so every
+    rank ends with the same rows one process would compute. Rank 0 alone writes the store; the
+    others keep the new rows in memory (their copy of the store must already hold what rank 0's
+    holds: ``$HEMATOVISION_HOME`` on one machine or on shared storage).
+
+    Args:
+        compute: positions in ``keys`` → their rows, (len(positions), ...); called with an empty
+            list never.
+        chunk: rows per chunk (``None``: all at once); each chunk is stored before the next.
+    """
+    current = world()
+    todo = current.broadcast(store.missing(keys))
+    step = chunk or max(1, len(todo))
+    for start in range(0, len(todo), step):
+        positions = todo[start : start + step]
+        started = time.perf_counter()
+        mine = [int(i) for i in current.shard(np.asarray(positions))]
+        rows = compute(mine) if mine else None
+        if current.distributed:
+            rows = np.concatenate([part for part in current.gather(rows) if part is not None])
+        assert rows is not None
+        store.add([keys[i] for i in positions], rows, time.perf_counter() - started, persist=current.is_main)
+    return store.get(keys)
 
 
 def _index_by_content(index: dict[str, int]) -> dict[str, int]:
@@ -178,11 +215,6 @@ class FeatureExtractor:
             cache_dir: cache folder (default: see :meth:`store`).
         """
         store = self.store(cache_dir)
-        todo = store.missing(file_hashes)
-        if todo:
-            started = time.perf_counter()
-            features = self.extract(images[todo], progress=True)
-            store.add([file_hashes[i] for i in todo], features, time.perf_counter() - started)
-        else:
+        if not store.missing(file_hashes):
             log.info("features loaded from cache %s", store.folder)
-        return store.get(file_hashes)
+        return fill_store(store, file_hashes, lambda positions: self.extract(images[positions], progress=True))

@@ -215,8 +215,9 @@ def run_training(config: TrainConfig) -> dict:
     ``split.csv``, ``train_config.json``, ``model.safetensors``, ``model_card.json``,
     ``metrics.json`` + ``report.md`` + plots (test split, or validation when there is none), ``val/``.
 
-    Under torchrun every rank runs this: all of them read the data and fine-tune together; rank 0
-    alone writes the run folder and returns the metrics, the others return ``{}`` after training.
+    Under torchrun every rank runs this: all of them read the data and fine-tune together (frozen
+    mode: share the feature extraction); rank 0 alone writes the run folder and returns the metrics,
+    the others return ``{}`` after training (frozen: after the features).
     """
     from hematovision.evaluate.report import write_evaluation
 
@@ -235,8 +236,6 @@ def run_training(config: TrainConfig) -> dict:
         raise DatasetError("--augment-copies and --augment-strength must be 0 or more")
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
-    if config.mode == "frozen" and world.distributed:
-        raise DatasetError("torchrun is for --mode finetune; a frozen run extracts features in one process")
     if config.mode == "frozen":
         _, mean, std = frozen_input_spec(config.backbone)
         weights = "; ".join(filter(None, (get_model_info(n).weights for n in backbone_names(config.backbone))))
@@ -300,6 +299,10 @@ def run_training(config: TrainConfig) -> dict:
             train_x = np.concatenate([train_x, copies])
             train_y = np.concatenate([train_y, np.tile(train_y, config.augment_copies)])
             card.data["augment_copies"] = copies_record(config.augment_copies, config.augment_strength, len(y["train"]))
+        if not world.is_main:  # the ranks shared the feature extraction; rank 0 fits the head and writes
+            return {}
+        if world.distributed:
+            card.data["feature_processes"] = world.size
         model, summary = fit_frozen_classifier(extractor.module, train_x, train_y, features["val"],
                                                y["val"], len(class_names), head=config.head, seed=config.seed)
         card.frozen = FrozenHead(taps=list(extractor.taps), num_features=int(features["train"].shape[1]),
