@@ -21,6 +21,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture()
+def images(synthetic_dataset: Path, tmp_path: Path) -> Path:
+    """The 36 synthetic cells plus one empty file (an unreadable row) in the middle of the order."""
+    import shutil
+
+    root = tmp_path / "images"
+    shutil.copytree(synthetic_dataset, root)
+    (root / "LYMPHOCYTE" / "lymphocyte_005b.png").write_bytes(b"")
+    return root
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of synthetic disc "cells", 12 images each, 40 px."""

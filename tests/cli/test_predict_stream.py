@@ -38,14 +38,6 @@ def run64(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-@pytest.fixture()
-def images(synthetic_dataset: Path, tmp_path: Path) -> Path:
-    """The 36 synthetic cells plus one empty file (an unreadable row) in the middle of the order."""
-    root = tmp_path / "images"
-    shutil.copytree(synthetic_dataset, root)
-    (root / "LYMPHOCYTE" / "lymphocyte_005b.png").write_bytes(b"")
-    return root
-
 
 def load_all_reference(run: Path, images: Path, out: Path) -> str:
     predictor = Predictor.from_run_dir(run)

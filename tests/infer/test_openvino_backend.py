@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from exported_runs import exported_copy
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra (CI installs it)")
@@ -28,15 +29,7 @@ from hematovision.serve.engine import Engine
 @pytest.fixture(scope="module")
 def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's tiny run, exported (ONNX + OpenVINO IR, measured on its test split)."""
-    run = tmp_path_factory.mktemp("openvino") / "run"
-    shutil.copytree(tiny_run, run)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["export", str(run), "--threads", "1", "--no-calibrate"]) == 0
-    finally:
-        torch.set_num_threads(previous)
-    return run
+    return exported_copy(tiny_run, tmp_path_factory.mktemp("openvino") / "run", "--no-calibrate")
 
 
 @pytest.fixture()

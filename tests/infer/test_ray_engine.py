@@ -36,14 +36,6 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture()
-def images(synthetic_dataset: Path, tmp_path: Path) -> Path:
-    """The 36 synthetic cells plus one empty file (an unreadable row)."""
-    root = tmp_path / "images"
-    shutil.copytree(synthetic_dataset, root)
-    (root / "LYMPHOCYTE" / "lymphocyte_005b.png").write_bytes(b"")
-    return root
-
 
 def read_rows(folder: Path) -> tuple[list[str], dict[str, dict]]:
     """A Parquet results folder as (columns, rows by file)."""

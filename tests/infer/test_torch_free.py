@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from exported_runs import exported_copy
 
 from hematovision.cli import main
 
@@ -57,14 +57,7 @@ def run_without_torch(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def exported_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of ``tiny_run`` (a lab-shift reference in its card) exported to ONNX with a review policy."""
-    run = tmp_path_factory.mktemp("torch_free") / "run"
-    shutil.copytree(tiny_run, run)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["export", str(run), "--threads", "1", "--no-openvino"]) == 0
-    finally:
-        torch.set_num_threads(previous)
+    run = exported_copy(tiny_run, tmp_path_factory.mktemp("torch_free") / "run", "--no-openvino")
     card = json.loads((run / "model_card.json").read_text())
     assert card.get("shift") and (run / "serving.json").is_file()  # so the shift score and flags are compared too
     return run

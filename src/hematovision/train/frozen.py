@@ -129,6 +129,11 @@ def _fit_mlp(mlp: nn.Module, x: np.ndarray, y: np.ndarray, val_x: np.ndarray, va
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
+    # The head's initial weights too: they were drawn when the network was built, from whatever state
+    # the global generator had then, which made the same seed give test accuracies from 0.949 to 0.966.
+    for module in mlp.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
     rng = np.random.default_rng(seed)
     inputs, targets = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
     val_inputs = torch.as_tensor(val_x, dtype=torch.float32)
