@@ -96,7 +96,8 @@ def test_unlabelled_adaptation_improves_the_other_lab(frozen_run: Path, labs: di
 def test_few_shot_adaptation_with_five_cells_per_class(frozen_run: Path, labs: dict[str, Path], tmp_path: Path,
                                                        one_thread: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "few"
-    assert main(["adapt", str(frozen_run), "--out", str(out), "--data", str(labs["few"]), "--k-per-class", "5"]) == 0
+    assert main(["adapt", str(frozen_run), "--out", str(out), "--data", str(labs["few"]), "--k-per-class", "5",
+                 "--no-finetune"]) == 0
     printed = capsys.readouterr().out
     assert "balanced accuracy on the lab's cells" in printed and "chosen by" in printed
 
@@ -120,7 +121,8 @@ def test_few_shot_adaptation_with_five_cells_per_class(frozen_run: Path, labs: d
     assert (out / "report.md").is_file()
     # The same seed picks the same cells.
     again = tmp_path / "few_again"
-    assert main(["adapt", str(frozen_run), "--out", str(again), "--data", str(labs["few"]), "--k-per-class", "5"]) == 0
+    assert main(["adapt", str(frozen_run), "--out", str(again), "--data", str(labs["few"]), "--k-per-class", "5",
+                 "--no-finetune"]) == 0
     files = json.loads((again / "model_card.json").read_text())["adaptation"]["cells"]["files_sha256"]
     assert files == adaptation["cells"]["files_sha256"]
 

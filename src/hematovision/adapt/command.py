@@ -19,7 +19,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
+import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import hematovision
 from hematovision.adapt import normalise as norm
 from hematovision.adapt.cells import LabCells, read_labelled, read_unlabelled
-from hematovision.adapt.head import choose_head, summarise, threshold_and_temperature
+from hematovision.adapt.head import HeadChoice, choose_head, summarise, threshold_and_temperature
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy
@@ -51,7 +52,7 @@ class AdaptationRefused(HematoVisionError):
 
 def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None = None,
               data: str | Path | None = None, k_per_class: int | None = None, seed: int = 0,
-              entropy_epochs: int = 0) -> dict[str, Any]:
+              entropy_epochs: int = 0, finetune: bool = True) -> dict[str, Any]:
     """Adapt the run in ``source`` to a lab's cells and write the new run folder ``out``.
 
     Args:
@@ -62,6 +63,8 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         k_per_class: use at most this many labelled cells per class (a seeded subset); default all.
         seed: seeds the subset and the folds.
         entropy_epochs: unlabelled only: passes of entropy minimisation after the statistics (0: off).
+        finetune: few-shot only: also try fine-tuning the backbone's last stages (kept when it wins
+            out-of-fold; :mod:`hematovision.adapt.finetune`).
 
     Returns:
         ``card.adaptation`` of the new run.
@@ -87,12 +90,14 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         result = _unlabelled(card, model, Path(unlabelled), source_policy, entropy_epochs, seed)
     else:
         assert data is not None
-        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed)
+        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed, finetune)
     model, adaptation, temperature = result["model"], result["adaptation"], result["temperature"]
     adaptation.update({"source_run": str(source.resolve()), "source_sha256": card.weights_sha256,
-                       "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs},
+                       "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs,
+                                    "finetune": finetune},
                        "seconds": round(time.perf_counter() - started, 1)})
-    new_card = replace(card, temperature=temperature, metrics=result.get("metrics", {}), adaptation=adaptation,
+    new_card = replace(card, **result.get("card", {}), temperature=temperature, metrics=result.get("metrics", {}),
+                       adaptation=adaptation,
                        files={}, hematovision_version=hematovision.__version__,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
     _write_run(source, out, model, new_card, result)
@@ -165,7 +170,7 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
 
 
 def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
-              k_per_class: int | None, seed: int) -> dict[str, Any]:
+              k_per_class: int | None, seed: int, finetune: bool = True) -> dict[str, Any]:
     prep, views, names = card.preprocessing, card.tta, card.class_names
     cells = read_labelled(folder, names, prep, k_per_class, seed)
     _require_cells(cells, folder, MIN_LABELLED, "labelled ")
@@ -199,6 +204,10 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
             lab_features_all = norm.final_outputs(lab_model, cells.images, prep, views)[1]
             makers["lab"] = lambda train: lab_features_all
     choice = choose_head(makers, labels, weight0, bias0, seed)
+    if finetune:
+        tuned = _fine_tune_if_it_pays(card, model, cells.images, labels, cells.missing_classes, choice, seed)
+        if tuned is not None:
+            return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned)
 
     adapted = []
     if choice.norm == "lab":
@@ -224,26 +233,41 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         missing = ("never predicted by the new head" if choice.prior is not None and choice.anchor == "zero"
                    else "kept from the source head; not measured on this lab")
         log.info("no labelled cells of %s: %s", ", ".join(cells.missing_classes), missing)
+    choice_record = {"chosen": choice.describe(), "norm": choice.norm, "anchor": choice.anchor,
+                     "prior": choice.prior, "folds": choice.folds, "candidates": choice.candidates}
+    return _few_shot_result(card, cells, folder, source_policy, logits0, features0, model, adapted, choice_record,
+                            choice.oof_logits, choice.features, missing, {})
+
+
+def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_policy: ReviewPolicy | None,
+                     logits0: np.ndarray, features0: np.ndarray, model: torch.nn.Module, adapted: list[str],
+                     choice_record: dict[str, Any], oof_logits: np.ndarray, features: np.ndarray, missing: str,
+                     card_changes: dict[str, Any]) -> dict[str, Any]:
+    """Temperature, review threshold, before/after numbers and the card's record of a few-shot adaptation."""
+    names, labels = card.class_names, cells.labels
+    assert labels is not None
     target = float((source_policy.info.get("target_accuracy") if source_policy else None) or TARGET_ACCURACY)
-    temperature, threshold, policy_info = threshold_and_temperature(choice.oof_logits, labels, target)
-    adapted += ["temperature recalibrated on the lab's cells (out-of-fold)",
-                "review policy's confidence threshold recalibrated on the lab's cells (out-of-fold)"]
+    temperature, threshold, policy_info = threshold_and_temperature(oof_logits, labels, target)
+    adapted = adapted + ["temperature recalibrated on the lab's cells (out-of-fold)",
+                         "review policy's confidence threshold recalibrated on the lab's cells (out-of-fold)"]
     reference = shift_reference(card, model)
     before = {**summarise(labels, softmax(logits0, card.temperature), names),
               **_state(logits0, features0, card.temperature, names, reference)}
-    oof_probs = softmax(choice.oof_logits, temperature)
+    # A fine-tuned network computes other features: the source's lab-shift reference does not apply to them.
+    after_reference = None if card_changes.get("mode") == "finetune" and card.mode != "finetune" else reference
+    oof_probs = softmax(oof_logits, temperature)
     after = {**summarise(labels, oof_probs, names),
-             **_state(choice.oof_logits, choice.features, temperature, names, reference)}
+             **_state(oof_logits, features, temperature, names, after_reference)}
+    folds = choice_record["folds"]
     adaptation = {"method": "few-shot", "adapted": adapted, "cells": cells.record(names),
-                  "choice": {"chosen": choice.describe(), "norm": choice.norm, "anchor": choice.anchor,
-                             "prior": choice.prior, "folds": choice.folds, "candidates": choice.candidates},
+                  "choice": choice_record,
                   "classes_without_cells": {"classes": cells.missing_classes, "what happens": missing or None},
                   "before": before, "after": after,
                   "measured": f"before: the source run on all {len(labels)} labelled cells; after: out-of-fold "
-                              f"predictions ({choice.folds}; the configuration was chosen on the same folds)",
+                              f"predictions ({folds}; the configuration was chosen on the same folds)",
                   "temperature": {"source": card.temperature, "lab": round(temperature, 4)},
                   "review_threshold": {"confidence": threshold, **policy_info}}
-    metrics = {"split": f"the lab's labelled cells, out-of-fold ({choice.folds})",
+    metrics = {"split": f"the lab's labelled cells, out-of-fold ({folds})",
                **{k: after[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
     policy = ReviewPolicy(threshold, None, calibrated=True, info={
         "target_accuracy": target,
@@ -251,7 +275,68 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         "validation": {"coverage": policy_info["coverage"], "accepted_accuracy": policy_info["accepted_accuracy"]},
         "ood": "no OOD check: too few cells of the new lab to fit one"})
     return {"model": model, "adaptation": adaptation, "temperature": temperature, "policy": policy,
-            "metrics": metrics, "evaluation": (labels, oof_probs)}
+            "metrics": metrics, "evaluation": (labels, oof_probs), "card": card_changes}
+
+
+def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+                          missing_classes: list[str], choice: HeadChoice, seed: int) -> tuple | None:
+    """Fine-tune the backbone's last stages on the lab's cells when that beats ``choice`` out-of-fold.
+
+    Returns:
+        ``None`` (the head-only choice stays), or the arguments of :func:`_few_shot_result` after ``features0``.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    from hematovision.adapt import finetune as ft
+    from hematovision.adapt.head import fold_indices
+
+    why_not = ft.can_finetune(card)
+    if why_not is None and len(labels) <= ft.MIN_CELLS:
+        why_not = f"{len(labels)} labelled cells are too few (more than {ft.MIN_CELLS} needed)"
+    if why_not is not None:
+        log.info("few-shot fine-tuning not tried: %s", why_not)
+        choice.candidates.append({"finetune": "not tried", "why": why_not})
+        return None
+    folds, how = fold_indices(labels, seed, folds=ft.FOLDS, leave_one_out_up_to=0)
+    settings = ft.FineTuneSettings()
+    start = ft.starting_network(card, model)
+    num_classes = len(card.class_names)
+    oof = np.zeros((len(labels), num_classes))
+    for number, (train, test) in enumerate(folds, 1):
+        tuned = ft.fine_tune(start, images[train], labels[train], num_classes, card.preprocessing, settings,
+                             seed + number, progress=f"fine-tuning, fold {number}/{len(folds)}")
+        oof[test] = norm.final_outputs(tuned, images[test], card.preprocessing, card.tta)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tuned_score = float(balanced_accuracy_score(labels, oof.argmax(1)))
+        head_score = float(balanced_accuracy_score(labels, choice.oof_logits.argmax(1)))
+    record = {"finetune": f"the last {settings.stages} stages and a new head", "folds": how,
+              "balanced_accuracy": round(tuned_score, 4), "head_only_balanced_accuracy": round(head_score, 4)}
+    choice.candidates.append(record)
+    log.info("few-shot fine-tuning: balanced accuracy %.3f out-of-fold (%s) against %.3f for %s",
+             tuned_score, how, head_score, choice.describe())
+    if not fine_tuning_wins(tuned_score, head_score):
+        return None
+    tuned = ft.fine_tune(start, images, labels, num_classes, card.preprocessing, settings, seed,
+                         progress="fine-tuning on all cells")
+    features = norm.final_outputs(tuned, images, card.preprocessing, card.tta)[1]
+    missing = "never predicted: the new head has not seen them" if missing_classes else ""
+    started_from = "the source run's weights" if card.mode == "finetune" else "ImageNet weights (the frozen run's backbone)"
+    adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "
+               f"{started_from}, {settings.steps} steps with stain and optics augmentation"]
+    choice_record = {"chosen": f"fine-tuned: the last {settings.stages} stages and a new head",
+                     "norm": "fine-tuned", "anchor": None, "prior": None, "folds": how,
+                     "candidates": choice.candidates}
+    changes = {"mode": "finetune", "frozen": None, "shift": None, "pretrained": True,
+               "finetune": {"few_shot": {**asdict(settings), "started_from": started_from}},
+               "weights": f"{card.weights or card.backbone}; then fine-tuned on a lab's labelled cells (adapt)"}
+    return tuned, adapted, choice_record, oof, features, missing, changes
+
+
+def fine_tuning_wins(tuned_score: float, head_score: float) -> bool:
+    """Whether the fine-tuned network replaces the head-only choice: only when strictly better
+    out-of-fold (on a tie the smaller change stays, and the run keeps its exports' kind)."""
+    return tuned_score > head_score
 
 
 def _source_policy(source: Path, card: ModelCard) -> ReviewPolicy | None:

@@ -93,7 +93,7 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
     anchors = {"source": (weight0, bias0), "zero": (np.zeros_like(weight0), np.zeros_like(bias0))}
     heads: list[tuple[str, float | None]] = [("source", None)]
     heads += [(anchor, prior) for anchor in ANCHORS for prior in PRIOR_STRENGTHS]
-    folds, how = _folds(labels, seed)
+    folds, how = fold_indices(labels, seed)
     everything = np.arange(len(labels))
     best: tuple[float, int] | None = None
     results = []
@@ -163,16 +163,19 @@ def _calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
 
 
-def _folds(labels: np.ndarray, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+def fold_indices(labels: np.ndarray, seed: int, folds: int = 5, leave_one_out_up_to: int = LEAVE_ONE_OUT_UP_TO
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """Cross-validation folds over the lab's cells, and how they were made, in words: leave-one-out
+    up to ``leave_one_out_up_to`` cells, else stratified ``folds``-fold."""
     from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 
     n = len(labels)
-    if n <= LEAVE_ONE_OUT_UP_TO:
+    if n <= leave_one_out_up_to:
         return list(LeaveOneOut().split(labels)), f"leave-one-out over {n} cells"
-    with warnings.catch_warnings():  # a class with fewer than 5 cells is simply absent from some folds
+    with warnings.catch_warnings():  # a class with fewer than `folds` cells is simply absent from some folds
         warnings.simplefilter("ignore", UserWarning)
-        folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(n), labels))
-    return folds, f"stratified 5-fold over {n} cells"
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(n), labels))
+    return splits, f"stratified {folds}-fold over {n} cells"
 
 
 def threshold_and_temperature(oof_logits: np.ndarray, labels: np.ndarray, target_accuracy: float

@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     adapt.add_argument("--entropy-epochs", type=int, default=0, metavar="N",
                        help="--unlabelled only: then tune the normalisation by entropy minimisation for N epochs "
                             "(default 0: off)")
+    adapt.add_argument("--no-finetune", dest="finetune", action="store_false",
+                       help="--data only: do not try fine-tuning the backbone's last stages (faster: seconds "
+                            "instead of minutes; by default it is tried and kept only when it wins out-of-fold)")
     adapt.add_argument("--seed", type=int, default=0)
     return adapt
 
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.entropy_epochs and args.data is not None:
         print("hematovision adapt: --entropy-epochs applies to --unlabelled only; ignored")
     result = adapt_run(args.run_dir, args.out, unlabelled=args.unlabelled, data=args.data,
-                       k_per_class=args.k_per_class, seed=args.seed, entropy_epochs=args.entropy_epochs)
+                       k_per_class=args.k_per_class, seed=args.seed, entropy_epochs=args.entropy_epochs,
+                       finetune=args.finetune)
     cells = result["cells"]
     excluded = cells["excluded"]
     reasons = ", ".join(f"{n} {why}" for why, n in excluded["reasons"].items())
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"balanced accuracy on the lab's cells: {before['balanced_accuracy']:.4f} (source run) -> "
               f"{after['balanced_accuracy']:.4f} (adapted, out-of-fold); accuracy {before['accuracy']:.4f} -> "
               f"{after['accuracy']:.4f}")
-    if before.get("lab_shift") is not None:
+    if before.get("lab_shift") is not None and after.get("lab_shift") is not None:
         print(f"lab-shift score: {before['lab_shift']:.2f} -> {after['lab_shift']:.2f}"
               + (f" (threshold {before['lab_shift_threshold']:.2f})" if before.get("lab_shift_threshold") else ""))
     print(f"mean prediction entropy: {before['mean_entropy']:.3f} -> {after['mean_entropy']:.3f}"
