@@ -32,6 +32,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # glibc's allocator tunables, tried against the growth in the first seconds of load (docs/deployment.md):
     "arena2": {"MALLOC_ARENA_MAX": "2"},  # two malloc arenas instead of 8 per core
     "trim": {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": "262144"},
+    # jemalloc instead of glibc's malloc (Debian: libjemalloc2); OpenVINO aborts with it preloaded
+    # (openvinotoolkit/openvino#29025), so only with --backend onnx, int8 or torch.
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
 }
 
 
