@@ -230,3 +230,23 @@ def test_the_app_answers_with_the_requests_score(tmp_path: Path) -> None:
         else:
             assert body["lab_shift"]["shifted"] and body["lab_shift"]["n_images"] == 2
             assert "hematovision adapt" in body["lab_shift"]["message"]
+
+
+def test_out_of_fold_reference_takes_its_threshold_from_held_out_cells() -> None:
+    from hematovision.infer.shift import fit_reference_out_of_fold
+
+    # Few cells, many features (adapt's fine-tuning): a network's own training cells score lower than new
+    # cells of the same lab, so a threshold from them would warn on the lab itself.
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(30, 100)), np.repeat([0, 1, 2], 10)
+    fold = np.arange(30) % 3
+    folds = [(features[fold != f], features[fold == f]) for f in range(3)]
+    shift = fit_reference_out_of_fold(features, folds, np.concatenate([labels[fold == f] for f in range(3)]))
+    own_cells = fit_reference(features, features, labels)
+    assert shift["threshold"] > own_cells["threshold"] + 0.05
+    assert "3 cross-validation folds (30 held-out cells" in shift["calibrated_on"]
+    reference = ShiftReference.from_card(shift)
+    assert reference is not None and reference.mean is not None
+    same_lab = rng.normal(size=(32, 100))
+    assert not reference.assess(reference.image_scores(same_lab)).shifted
+    assert reference.assess(reference.image_scores(same_lab * 1.5 + 0.5)).shifted

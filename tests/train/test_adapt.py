@@ -119,6 +119,11 @@ def test_few_shot_adaptation_with_five_cells_per_class(frozen_run: Path, labs: d
     assert policy["source_sha256"] == card["files"]["model.safetensors"]["sha256"]
     assert policy["calibrated"] and policy["ood_threshold"] is None
     assert (out / "report.md").is_file()
+    # Exporting the adapted run for serving keeps that policy: split.csv lists the source lab's images.
+    kept = (out / "serving.json").read_bytes()
+    assert main(["export", str(out), "--format", "none"]) == 0
+    assert (out / "serving.json").read_bytes() == kept
+    assert "not recalibrated" in json.loads((out / "export.json").read_text())["review_policy"]["kept"]
     # The same seed picks the same cells.
     again = tmp_path / "few_again"
     assert main(["adapt", str(frozen_run), "--out", str(again), "--data", str(labs["few"]), "--k-per-class", "5",

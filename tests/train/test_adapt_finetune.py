@@ -89,7 +89,8 @@ def test_fine_tuning_wins_only_when_strictly_better() -> None:
 
 
 def test_a_winning_fine_tune_is_the_run_written(frozen_lite0: Path, lab_cells: Path, tmp_path: Path,
-                                                 one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 one_thread: None, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # Whatever the tiny data scores: when the fine-tune wins, the new run is the fine-tuned network.
     from hematovision.adapt import command
 
@@ -98,15 +99,24 @@ def test_a_winning_fine_tune_is_the_run_written(frozen_lite0: Path, lab_cells: P
     out = tmp_path / "adapted"
     command.adapt_run(frozen_lite0, out, data=lab_cells)
     card, model = load_run(out)
-    assert card.mode == "finetune" and card.frozen is None and card.shift is None
+    assert card.mode == "finetune" and card.frozen is None
     assert card.finetune["few_shot"]["steps"] == QUICK.steps
     assert "ImageNet" in card.finetune["few_shot"]["started_from"]
     assert "fine-tuned" in card.adaptation["adapted"][0] and "fine-tuned" in card.adaptation["choice"]["chosen"]
-    assert card.adaptation["after"]["lab_shift"] is None  # the frozen source's reference does not apply
     assert card.metrics["split"].startswith("the lab's labelled cells, out-of-fold (stratified 3-fold")
     policy = json.loads((out / "serving.json").read_text())
     assert policy["source_sha256"] == card.weights_sha256
+    # Its own lab-shift reference (the frozen source's does not apply to the new features), its threshold
+    # from the folds' held-out cells: the run now belongs to the lab, and the source lab's cells warn.
+    assert card.shift is not None and "3 cross-validation folds (24 held-out cells" in card.shift["calibrated_on"]
+    assert len(card.shift["mean"]) == len(card.shift["std"]) and card.shift["threshold"] > 0
+    assert card.adaptation["after"]["lab_shift"] is not None
+    capsys.readouterr()
     assert main(["predict", str(out), str(lab_cells), "--out", str(tmp_path / "p.csv")]) == 0
+    assert "differ from the training data" not in capsys.readouterr().out
+    source_lab = write_lab(tmp_path / "source_lab", 12, seed=5)
+    assert main(["predict", str(out), str(source_lab), "--out", str(tmp_path / "q.csv")]) == 0
+    assert "differ from the training data" in capsys.readouterr().out
 
 
 def test_no_finetune_and_too_few_cells_keep_the_head_only_path(frozen_lite0: Path, lab_cells: Path, tmp_path: Path,

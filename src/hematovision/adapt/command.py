@@ -35,7 +35,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
-from hematovision.infer.shift import ShiftReference, head_inputs
+from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
 from hematovision.run import CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, ModelCard, load_run, save_weights, write_card
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,9 @@ def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_poli
     reference = shift_reference(card, model)
     before = {**summarise(labels, softmax(logits0, card.temperature), names),
               **_state(logits0, features0, card.temperature, names, reference)}
-    # A fine-tuned network computes other features: the source's lab-shift reference does not apply to them.
-    after_reference = None if card_changes.get("mode") == "finetune" and card.mode != "finetune" else reference
+    # A network fine-tuned on the lab's cells computes other features: its own reference applies, the
+    # source's does not (scored here on its own training cells, so "after" is on the low side).
+    after_reference = ShiftReference.from_card(card_changes["shift"]) if "shift" in card_changes else reference
     oof_probs = softmax(oof_logits, temperature)
     after = {**summarise(labels, oof_probs, names),
              **_state(oof_logits, features, temperature, names, after_reference)}
@@ -302,10 +303,12 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     start = ft.starting_network(card, model)
     num_classes = len(card.class_names)
     oof = np.zeros((len(labels), num_classes))
+    fold_features = []  # (the fold's training cells, its held-out cells): the lab-shift threshold
     for number, (train, test) in enumerate(folds, 1):
         tuned = ft.fine_tune(start, images[train], labels[train], num_classes, card.preprocessing, settings,
                              seed + number, progress=f"fine-tuning, fold {number}/{len(folds)}")
-        oof[test] = norm.final_outputs(tuned, images[test], card.preprocessing, card.tta)[0]
+        oof[test], held_out = norm.final_outputs(tuned, images[test], card.preprocessing, card.tta)
+        fold_features.append((norm.final_outputs(tuned, images[train], card.preprocessing, card.tta)[1], held_out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tuned_score = float(balanced_accuracy_score(labels, oof.argmax(1)))
@@ -320,6 +323,8 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     tuned = ft.fine_tune(start, images, labels, num_classes, card.preprocessing, settings, seed,
                          progress="fine-tuning on all cells")
     features = norm.final_outputs(tuned, images, card.preprocessing, card.tta)[1]
+    shift = fit_reference_out_of_fold(features, fold_features, np.concatenate([labels[test] for _, test in folds]),
+                                      seed=seed)
     missing = "never predicted: the new head has not seen them" if missing_classes else ""
     started_from = "the source run's weights" if card.mode == "finetune" else "ImageNet weights (the frozen run's backbone)"
     adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "
@@ -327,7 +332,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     choice_record = {"chosen": f"fine-tuned: the last {settings.stages} stages and a new head",
                      "norm": "fine-tuned", "anchor": None, "prior": None, "folds": how,
                      "candidates": choice.candidates}
-    changes = {"mode": "finetune", "frozen": None, "shift": None, "pretrained": True,
+    changes = {"mode": "finetune", "frozen": None, "shift": shift, "pretrained": True,
                "finetune": {"few_shot": {**asdict(settings), "started_from": started_from}},
                "weights": f"{card.weights or card.backbone}; then fine-tuned on a lab's labelled cells (adapt)"}
     return tuned, adapted, choice_record, oof, features, missing, changes

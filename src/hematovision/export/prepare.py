@@ -109,7 +109,18 @@ def prepare_run(
         if int8:
             report["int8"] = _quantize(run_dir, session, predictor, splits or {}, threads)
 
-    if calibrate and splits is not None:
+    lab_policy = _policy_fitted_by_adapt(predictor) if calibrate else None
+    if lab_policy is not None:
+        # split.csv of an adapted run lists the source labs' images: calibrating on them would replace the
+        # thresholds fitted on the new lab's own cells with ones for the labs the run was adapted away from.
+        log.info("review policy: keeping the one `hematovision adapt` wrote for the lab "
+                 "(split.csv holds the source run's images, not this lab's)")
+        report["review_policy"] = {**lab_policy.describe(), "kept": "written by `hematovision adapt` for the lab; "
+                                   "not recalibrated on split.csv (the source run's images)"}
+    elif calibrate and splits is not None:
+        if getattr(predictor.card, "adaptation", None):
+            log.warning("this run was adapted to another lab but has no review policy of its own; calibrating "
+                        "one on split.csv, i.e. on the source run's images")
         policy = calibration.calibrate(forward, predictor.class_names, prep, splits,
                                        float(getattr(predictor, "temperature", 1.0) or 1.0),
                                        target_accuracy, ood_quantile, max_train)
@@ -119,6 +130,15 @@ def prepare_run(
         report["review_policy"] = policy.describe()
     write_json(run_dir / EXPORT_FILE, report)
     return report
+
+
+def _policy_fitted_by_adapt(predictor: Any) -> Any:
+    """The review policy ``hematovision adapt`` wrote for a lab (thresholds fitted on its cells, or the
+    source's carried over), when the run is adapted and that policy is current (made for these weights
+    and views), else ``None``."""
+    if not getattr(predictor.card, "adaptation", None):
+        return None
+    return getattr(predictor, "policy", None)
 
 
 def _quantize(run_dir: Path, session: Any, predictor: Any, splits: dict[str, list[Any]], threads: int) -> dict[str, Any]:

@@ -203,26 +203,13 @@ def fit_reference(
     Returns:
         A JSON-ready dict for ``card.shift``.
     """
-    train = np.asarray(train_features, dtype=np.float64)
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std = np.where(std < 1e-6, 1.0, std)  # a feature constant in training keeps scale 1 (as the frozen head does)
-    standardised = bool(np.abs(mean).max() < _STANDARDISED_TOLERANCE and np.abs(std - 1).max() < _STANDARDISED_TOLERANCE)
-    reference = ShiftReference(None if standardised else mean.astype(np.float32),
-                               None if standardised else std.astype(np.float32), 1.0, None, batch)
+    reference, mean, std = _reference(train_features, batch)
     rng = np.random.default_rng(seed)
     val_scores = reference.image_scores(val_features)
-    groups = [np.arange(len(val_scores))]
-    if val_labels is not None:
-        groups += [np.flatnonzero(np.asarray(val_labels) == c) for c in np.unique(val_labels)]
-    mixed = _random_batch_scores(val_scores, groups[0], batch, n_batches // 2 if len(groups) > 1 else n_batches, rng)
-    single = [_random_batch_scores(val_scores, groups[1 + int(rng.integers(len(groups) - 1))], batch, 1, rng)
-              for _ in range(n_batches - len(mixed))]
-    threshold = float(np.quantile(np.concatenate([mixed, *single]), quantile))
-    drawn = f"{len(mixed)} random and {len(single)} single-class" if single else f"{len(mixed)} random"
+    threshold, drawn = _calibrate(val_scores, val_labels, batch, quantile, n_batches, rng)
     shift: dict[str, Any] = {
         "method": METHOD,
-        "reference": f"train split, {len(train)} images",
+        "reference": f"train split, {len(train_features)} images",
         "image_score_mean": round(float(val_scores.mean()), 6),
         "batch": batch,
         "quantile": quantile,
@@ -234,7 +221,76 @@ def fit_reference(
         test_batches = _random_batch_scores(test_scores, np.arange(len(test_scores)), batch, n_batches, rng)
         shift["test_batches_over_threshold"] = round(float((test_batches > threshold).mean()), 4)
         shift["test_image_score_mean"] = round(float(test_scores.mean()), 6)
-    if not standardised:
+    return _with_vectors(shift, reference, mean, std)
+
+
+def fit_reference_out_of_fold(
+    features: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    held_out_labels: np.ndarray | None = None,
+    batch: int = SHIFT_BATCH,
+    quantile: float = SHIFT_QUANTILE,
+    n_batches: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``card.shift`` of a network trained on a few cells with none held out (``adapt``'s fine-tuning).
+
+    The reference statistics are the final network's features of all its cells. The threshold comes
+    from the cross-validation folds: each fold's network scores its held-out cells against the
+    statistics of its own training cells, which is how the final network sees new cells of the lab
+    (its own training cells would score lower, and the threshold would warn on the lab itself).
+
+    Args:
+        features: (N, D) the final network's final-layer inputs of the cells it was trained on.
+        folds: per fold, (features of its training cells, features of its held-out cells), both from
+            the network trained on that fold.
+        held_out_labels: classes of the held-out cells, in the order of ``folds``.
+    """
+    reference, mean, std = _reference(features, batch)
+    scores = np.concatenate([_reference(train, batch)[0].image_scores(held_out) for train, held_out in folds])
+    threshold, drawn = _calibrate(scores, held_out_labels, batch, quantile, n_batches, np.random.default_rng(seed))
+    shift: dict[str, Any] = {
+        "method": METHOD,
+        "reference": f"the {len(features)} cells the network was fine-tuned on",
+        "image_score_mean": round(float(scores.mean()), 6),
+        "batch": batch,
+        "quantile": quantile,
+        "threshold": round(threshold, 6),
+        "calibrated_on": f"{len(folds)} cross-validation folds ({len(scores)} held-out cells, each scored by the "
+                         f"network trained without it): {drawn} batches of {batch}",
+    }
+    return _with_vectors(shift, reference, mean, std)
+
+
+def _reference(train_features: np.ndarray, batch: int) -> tuple[ShiftReference, np.ndarray, np.ndarray]:
+    """The reference of these training features, with their mean and std (for the card)."""
+    train = np.asarray(train_features, dtype=np.float64)
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)  # a feature constant in training keeps scale 1 (as the frozen head does)
+    standardised = bool(np.abs(mean).max() < _STANDARDISED_TOLERANCE and np.abs(std - 1).max() < _STANDARDISED_TOLERANCE)
+    reference = ShiftReference(None if standardised else mean.astype(np.float32),
+                               None if standardised else std.astype(np.float32), 1.0, None, batch)
+    return reference, mean, std
+
+
+def _calibrate(scores: np.ndarray, labels: np.ndarray | None, batch: int, quantile: float, n_batches: int,
+               rng: np.random.Generator) -> tuple[float, str]:
+    """The threshold over held-out batch scores (half random, half single-class when labelled), and how drawn."""
+    groups = [np.arange(len(scores))]
+    if labels is not None:
+        groups += [np.flatnonzero(np.asarray(labels) == c) for c in np.unique(labels)]
+    mixed = _random_batch_scores(scores, groups[0], batch, n_batches // 2 if len(groups) > 1 else n_batches, rng)
+    single = [_random_batch_scores(scores, groups[1 + int(rng.integers(len(groups) - 1))], batch, 1, rng)
+              for _ in range(n_batches - len(mixed))]
+    threshold = float(np.quantile(np.concatenate([mixed, *single]), quantile))
+    drawn = f"{len(mixed)} random and {len(single)} single-class" if single else f"{len(mixed)} random"
+    return threshold, drawn
+
+
+def _with_vectors(shift: dict[str, Any], reference: ShiftReference, mean: np.ndarray,
+                  std: np.ndarray) -> dict[str, Any]:
+    if reference.mean is not None:  # not already standardised: the card keeps the statistics
         shift["mean"] = [float(f"{v:.6g}") for v in mean]
         shift["std"] = [float(f"{v:.6g}") for v in std]
     return shift
