@@ -103,7 +103,7 @@ def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: in
     if cell.is_file():
         return json.loads(cell.read_text())
     run = out / recipe / f"without_{held_out}"
-    work = out / recipe / "few_shot" / f"{held_out}_k{k}_seed{seed}"
+    work = out / recipe / "few_shot" / f"{held_out}_k{k}_seed{seed}{suffix}"
     shutil.rmtree(work, ignore_errors=True)
     k_cells, rest = split_lab(root, held_out, k, seed, work / "cells")
     started = time.perf_counter()
@@ -116,6 +116,7 @@ def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: in
     result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed, "adapt": adapt,
               "chosen": adaptation["choice"]["chosen"],
               "rest": {key: metrics[key] for key in METRICS}, "review": metrics.get("review"),
+              "lab_shift": metrics.get("lab_shift"),  # the adapted run on the rest of its own lab
               "classes_with_k_cells": full,
               "balanced_accuracy_classes_with_k_cells": sum(recalls) / len(recalls) if recalls else None,
               "seconds": time.perf_counter() - started}
