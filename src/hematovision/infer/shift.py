@@ -207,15 +207,8 @@ def fit_reference(
     rng = np.random.default_rng(seed)
     val_scores = reference.image_scores(val_features)
     threshold, drawn = _calibrate(val_scores, val_labels, batch, quantile, n_batches, rng)
-    shift: dict[str, Any] = {
-        "method": METHOD,
-        "reference": f"train split, {len(train_features)} images",
-        "image_score_mean": round(float(val_scores.mean()), 6),
-        "batch": batch,
-        "quantile": quantile,
-        "threshold": round(threshold, 6),
-        "calibrated_on": f"val split ({len(val_scores)} images): {drawn} batches of {batch}",
-    }
+    shift = _record(f"train split, {len(train_features)} images", val_scores, batch, quantile, threshold,
+                    f"val split ({len(val_scores)} images): {drawn} batches of {batch}")
     if test_features is not None and len(test_features):
         test_scores = reference.image_scores(test_features)
         test_batches = _random_batch_scores(test_scores, np.arange(len(test_scores)), batch, n_batches, rng)
@@ -249,16 +242,9 @@ def fit_reference_out_of_fold(
     reference, mean, std = _reference(features, batch)
     scores = np.concatenate([_reference(train, batch)[0].image_scores(held_out) for train, held_out in folds])
     threshold, drawn = _calibrate(scores, held_out_labels, batch, quantile, n_batches, np.random.default_rng(seed))
-    shift: dict[str, Any] = {
-        "method": METHOD,
-        "reference": f"the {len(features)} cells the network was fine-tuned on",
-        "image_score_mean": round(float(scores.mean()), 6),
-        "batch": batch,
-        "quantile": quantile,
-        "threshold": round(threshold, 6),
-        "calibrated_on": f"{len(folds)} cross-validation folds ({len(scores)} held-out cells, each scored by the "
-                         f"network trained without it): {drawn} batches of {batch}",
-    }
+    shift = _record(f"the {len(features)} cells the network was fine-tuned on", scores, batch, quantile, threshold,
+                    f"{len(folds)} cross-validation folds ({len(scores)} held-out cells, each scored by the "
+                    f"network trained without it): {drawn} batches of {batch}")
     return _with_vectors(shift, reference, mean, std)
 
 
@@ -286,6 +272,13 @@ def _calibrate(scores: np.ndarray, labels: np.ndarray | None, batch: int, quanti
     threshold = float(np.quantile(np.concatenate([mixed, *single]), quantile))
     drawn = f"{len(mixed)} random and {len(single)} single-class" if single else f"{len(mixed)} random"
     return threshold, drawn
+
+
+def _record(reference: str, held_out_scores: np.ndarray, batch: int, quantile: float, threshold: float,
+            calibrated_on: str) -> dict[str, Any]:
+    """The JSON-ready ``card.shift`` entries every reference has."""
+    return {"method": METHOD, "reference": reference, "image_score_mean": round(float(held_out_scores.mean()), 6),
+            "batch": batch, "quantile": quantile, "threshold": round(threshold, 6), "calibrated_on": calibrated_on}
 
 
 def _with_vectors(shift: dict[str, Any], reference: ShiftReference, mean: np.ndarray,
