@@ -38,6 +38,7 @@ from torch import nn
 from hematovision.data.classes import WBC5
 from hematovision.data.folder import load_images
 from hematovision.data.splits import read_split_csv
+from hematovision.gan.train import images_to_tensor, tensor_to_images
 from hematovision.models.backbones import build_efficientnet_lite
 
 
@@ -225,7 +226,7 @@ def synthetic_cells(generator: Generator, per_class: int = 500, seed: int = 1) -
     for k in range(len(WBC5)):
         z = torch.randn(per_class, generator.latent, generator=source)
         drawn = generator(z, torch.full((per_class,), k))
-        images.append(((drawn.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy())
+        images.append(tensor_to_images(drawn))
         labels += [k] * per_class
     return np.concatenate(images), np.array(labels)
 
@@ -246,7 +247,7 @@ def main() -> None:
     rows = read_split_csv(args.split)
     classes = list(WBC5)
     real_train = load_images([s for s, part in rows if part == "train"], 64, desc="train")
-    images = torch.from_numpy(real_train.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = images_to_tensor(real_train.images)
     labels = torch.tensor([classes.index(s.label) for s in real_train.samples])
     generator, generator_ema, iteration = train(args, images, labels, args.out)
 

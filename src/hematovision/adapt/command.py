@@ -307,8 +307,9 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     for number, (train, test) in enumerate(folds, 1):
         tuned = ft.fine_tune(start, images[train], labels[train], num_classes, card.preprocessing, settings,
                              seed + number, progress=f"fine-tuning, fold {number}/{len(folds)}")
-        oof[test], held_out = norm.final_outputs(tuned, images[test], card.preprocessing, card.tta)
-        fold_features.append((norm.final_outputs(tuned, images[train], card.preprocessing, card.tta)[1], held_out))
+        logits, fold_outputs = norm.final_outputs(tuned, images, card.preprocessing, card.tta)  # one pass, both parts
+        oof[test] = logits[test]
+        fold_features.append((fold_outputs[train], fold_outputs[test]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tuned_score = float(balanced_accuracy_score(labels, oof.argmax(1)))
