@@ -33,7 +33,8 @@ def diff_augment(images: torch.Tensor, policy: tuple[str, ...]) -> torch.Tensor:
 
 
 def _per_image(images: torch.Tensor) -> torch.Tensor:
-    return torch.rand(images.shape[0], 1, 1, 1, dtype=images.dtype)
+    # Drawn on the CPU generator (the one a checkpoint saves), whatever the images' device.
+    return torch.rand(images.shape[0], 1, 1, 1, dtype=images.dtype).to(images.device)
 
 
 def color(images: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,10 @@ def cutout(images: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     """Set a random square of ``ratio`` times the side to zero in each image."""
     n, _, height, width = images.shape
     cut_y, cut_x = int(height * ratio + 0.5), int(width * ratio + 0.5)
-    top = torch.randint(0, height - cut_y + 1, (n, 1, 1))
-    left = torch.randint(0, width - cut_x + 1, (n, 1, 1))
-    rows = torch.arange(height).view(1, height, 1)
-    cols = torch.arange(width).view(1, 1, width)
+    top = torch.randint(0, height - cut_y + 1, (n, 1, 1)).to(images.device)
+    left = torch.randint(0, width - cut_x + 1, (n, 1, 1)).to(images.device)
+    rows = torch.arange(height, device=images.device).view(1, height, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, width)
     inside = (rows >= top) & (rows < top + cut_y) & (cols >= left) & (cols < left + cut_x)
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
