@@ -34,11 +34,10 @@ docs/synthetic.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import lzma
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,201 +46,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from hematovision.data.classes import WBC5
-from hematovision.gan.augment import diff_augment
+from hematovision.gan.projected import ConditionalGenerator
 from hematovision.gan.train import images_to_tensor, random_dihedral, tensor_to_images
-from hematovision.models.backbones import build_efficientnet_lite
-
-AUGMENT = ("translation", "cutout")
-
-
-class CondBN(nn.Module):
-    """Batch norm whose gain and bias come from a conditioning vector (class embedding [+ z slice])."""
-
-    def __init__(self, channels: int, cond: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False)
-        self.gain, self.bias = nn.Linear(cond, channels), nn.Linear(cond, channels)
-        for layer in (self.gain, self.bias):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x, c):
-        return self.bn(x) * (1 + self.gain(c))[:, :, None, None] + self.bias(c)[:, :, None, None]
-
-
-class Block(nn.Module):
-    def __init__(self, c_in, c_out, cond):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.bn1 = CondBN(c_out, cond)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.bn2 = CondBN(c_out, cond)
-        self.skip = nn.Conv2d(c_in, c_out, 1)
-
-    def forward(self, x, c):
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        h = F.relu(self.bn1(self.conv1(x), c))
-        h = F.relu(self.bn2(self.conv2(h), c))
-        return h + self.skip(x)
-
-
-class Generator(nn.Module):
-    """z (+ class) -> 64-px image. With ``z_blocks`` z is cut into one slice for the 4x4 seed and one
-    per block, each block conditioned on [class embedding, its slice] (BigGAN)."""
-
-    def __init__(self, classes=5, latent=128, width=32, embed=64, z_blocks=False):
-        super().__init__()
-        self.latent, self.z_blocks = latent, z_blocks
-        chans = [8 * width, 8 * width, 4 * width, 2 * width, width]  # 4 -> 8 -> 16 -> 32 -> 64
-        self.slice = latent // len(chans) if z_blocks else 0
-        self.embed = nn.Embedding(classes, embed)
-        first = latent - self.slice * (len(chans) - 1)
-        self.fc = nn.Linear(first + embed, chans[0] * 16)
-        self.blocks = nn.ModuleList(Block(a, b, embed + self.slice) for a, b in zip(chans[:-1], chans[1:]))
-        self.out = nn.Sequential(nn.BatchNorm2d(chans[-1]), nn.ReLU(), nn.Conv2d(chans[-1], 3, 3, 1, 1), nn.Tanh())
-        self.c0 = chans[0]
-
-    def forward(self, z, y):
-        e = self.embed(y)
-        cut = z.shape[1] - self.slice * len(self.blocks)
-        slices = z[:, cut:].split(self.slice, 1) if self.z_blocks else [z[:, :0]] * len(self.blocks)
-        h = self.fc(torch.cat([z[:, :cut], e], 1)).view(len(z), self.c0, 4, 4)
-        for block, part in zip(self.blocks, slices):
-            h = block(h, torch.cat([e, part], 1))
-        return self.out(h)
-
-
-class FeaturePyramid(nn.Module):
-    """Frozen Lite stages; returns 4 maps (random 1x1 channel mixing on top, fixed)."""
-
-    def __init__(self, variant=1, mix=64):
-        super().__init__()
-        net = build_efficientnet_lite(variant, 1000, pretrained=True).eval()
-        self.stem = nn.Sequential(net.conv_stem, net.bn1)
-        self.taps = (0, 1, 2, 4)  # at 64 px input: 32, 16, 8, 4 px maps; later stages are not run
-        self.stages = net.blocks[: self.taps[-1] + 1]
-        chans = [[m for m in net.blocks[i][-1].modules() if isinstance(m, nn.Conv2d)][-1].out_channels for i in self.taps]
-        self.mix = nn.ModuleList(nn.Conv2d(c, mix, 1, bias=False) for c in chans)
-        for m in self.mix:
-            nn.init.kaiming_normal_(m.weight)
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode=True):
-        return super().train(False)
-
-    def forward(self, x):  # x in [-1, 1] (Lite's own normalisation: mean 0.5, std 0.5)
-        h = self.stem(x)
-        maps = []
-        for i, stage in enumerate(self.stages):
-            h = stage(h)
-            if i in self.taps:
-                maps.append(self.mix[self.taps.index(i)](h))
-        return maps
-
-
-def minibatch_std(h: torch.Tensor, group: int = 4) -> torch.Tensor:
-    """Append the mean standard deviation over groups of ``group`` images as one channel (Karras 2018)."""
-    n, c, height, width = h.shape
-    g = min(group, n)
-    while n % g:
-        g -= 1
-    std = h.view(g, n // g, c, height, width).std(0, unbiased=False).mean(dim=(1, 2, 3))
-    return torch.cat([h, std.repeat(g)[:, None, None, None].expand(n, 1, height, width)], 1)
-
-
-class ScaleD(nn.Module):
-    """One discriminator per feature scale, projection conditioning."""
-
-    def __init__(self, c, side, classes, width=64, mbstd=False):
-        super().__init__()
-        layers = []
-        ch = c
-        while side > 4:
-            layers += [nn.utils.spectral_norm(nn.Conv2d(ch, width, 4, 2, 1)), nn.LeakyReLU(0.2)]
-            ch, side = width, side // 2
-        self.body = nn.Sequential(*layers)
-        self.mbstd = mbstd
-        self.last = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(ch + int(mbstd), width, 3, 1, 1)), nn.LeakyReLU(0.2))
-        self.linear = nn.utils.spectral_norm(nn.Linear(width, 1))
-        self.embed = nn.utils.spectral_norm(nn.Embedding(classes, width))
-
-    def forward(self, x, y):
-        h = self.body(x)
-        h = self.last(minibatch_std(h) if self.mbstd else h).sum(dim=(2, 3))
-        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
-
-
-class Discriminator(nn.Module):
-    def __init__(self, classes=5, variant=1, mbstd=False):
-        super().__init__()
-        self.features = FeaturePyramid(variant)
-        sides = (32, 16, 8, 4)
-        self.heads = nn.ModuleList(ScaleD(64, s, classes, mbstd=mbstd) for s in sides)
-
-    def forward(self, x, y):
-        return sum(head(m, y) for head, m in zip(self.heads, self.features(x)))
-
-
-def mode_seeking_term(fake: torch.Tensor, z: torch.Tensor, classes: int) -> torch.Tensor:
-    """MSGAN's 1 / (mean |G(z1) - G(z2)| / mean |z1 - z2|) over pairs of the batch's cells of one class.
-
-    The batch's classes repeat every ``classes`` images, so image i and image i + ``classes`` share a
-    class: the pairs come free, with no extra generator pass. Lower is more diverse.
-    """
-    a, b = slice(0, len(z) - classes), slice(classes, len(z))
-    ratio = (fake[a] - fake[b]).abs().mean() / (z[a] - z[b]).abs().mean()
-    return 1 / (ratio + 1e-5)
-
-
-def train_until(args, state, images, labels, device, stop: int) -> None:
-    """Continue training ``state`` (networks, optimisers, iteration) up to iteration ``stop``."""
-    generator, discriminator, generator_ema = state["G"], state["D"], state["G_ema"]
-    opt_g, opt_d = state["opt_g"], state["opt_d"]
-    by_class = [torch.nonzero(labels == k).squeeze(1) for k in range(len(WBC5))]
-    rng = state["rng"]
-    start, first = time.perf_counter(), state["it"]
-    while state["it"] < stop:
-        # Every class equally often, in real and generated batches alike.
-        y = (torch.arange(args.batch) % len(WBC5)).to(device)
-        index = torch.stack([by_class[k][torch.randint(len(by_class[k]), ())] for k in y.tolist()])
-        real = random_dihedral(images[index].to(device), rng)
-        z = torch.randn(args.batch, generator.latent, device=device)
-        fake = generator(z, y)
-        d_real = discriminator(diff_augment(real, AUGMENT), y)
-        d_fake = discriminator(diff_augment(fake.detach(), AUGMENT), y)
-        loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        loss_g = -discriminator(diff_augment(fake, AUGMENT), y).mean()
-        if args.mode_seeking:
-            loss_g = loss_g + args.mode_seeking * mode_seeking_term(fake, z, len(WBC5))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        with torch.no_grad():
-            for averaged, current in zip(generator_ema.parameters(), generator.parameters()):
-                averaged.lerp_(current, 1 - args.ema)
-            for averaged, current in zip(generator_ema.buffers(), generator.buffers()):
-                averaged.copy_(current)
-        state["it"] += 1
-        if state["it"] % 100 == 0:
-            elapsed = time.perf_counter() - start
-            rate = elapsed / (state["it"] - first)
-            print(f"it {state['it']} {elapsed:.0f}s {rate:.3f}s/it eta {rate * (stop - state['it']) / 60:.1f} min "
-                  f"D {loss_d.item():.3f} G {loss_g.item():.3f} D(real) {d_real.mean().item():.2f} "
-                  f"D(fake) {d_fake.mean().item():.2f}", flush=True)
-    state["seconds"] += time.perf_counter() - start
+from hematovision.gan.train_projected import ProjectedGanConfig, load_projected, train_projected_gan
 
 
 @torch.no_grad()
-def synthetic_cells(generator: Generator, device, per_class: int = 500, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_cells(generator: ConditionalGenerator, device, per_class: int = 500,
+                    seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` uint8 cells of each class, and their labels."""
     source = torch.Generator().manual_seed(seed)
     images, labels = [], []
     for k in range(len(WBC5)):
-        z = torch.randn(per_class, generator.latent, generator=source).to(device)
+        z = torch.randn(per_class, generator.latent_dim, generator=source).to(device)
         drawn = torch.cat([generator(part, torch.full((len(part),), k, device=device)) for part in z.split(250)])
         images.append(tensor_to_images(drawn.cpu()))
         labels += [k] * per_class
@@ -381,19 +198,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(args.seed)
-    images = images_to_tensor(cells["x_train"])
-    labels = torch.from_numpy(cells["y_train"])
-    generator = Generator(len(WBC5), width=args.width, z_blocks=args.z_blocks).to(device)
-    discriminator = Discriminator(len(WBC5), variant=args.variant, mbstd=args.minibatch_std).to(device)
-    state = {"G": generator, "D": discriminator, "G_ema": copy.deepcopy(generator).eval(), "it": 0, "seconds": 0.0,
-             "opt_g": torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.0, 0.99)),
-             "opt_d": torch.optim.Adam([p for p in discriminator.parameters() if p.requires_grad], 2e-4, betas=(0.0, 0.99)),
-             "rng": np.random.default_rng(args.seed)}
+    config = ProjectedGanConfig(width=args.width, batch_size=args.batch, iterations=args.iterations, ema=args.ema,
+                                variant=args.variant, minibatch_std=args.minibatch_std, mode_seeking=args.mode_seeking,
+                                hierarchical=args.z_blocks, seed=args.seed, sample_every=500, checkpoint_every=500)
+    images_by_class = {name: cells["x_train"][cells["y_train"] == k] for k, name in enumerate(WBC5)}
+
+    def train_to(iterations: int) -> dict:
+        """The package's trainer (gan.train_projected), resumed up to ``iterations``."""
+        return train_projected_gan(images_by_class, args.out / "gan", replace(config, iterations=iterations),
+                                   resume=True, device=device)
 
     if args.time_only:
-        train_until(args, state, images, labels, device, args.iterations)
-        print(json.dumps({"iterations": state["it"], "seconds_per_iteration": state["seconds"] / state["it"]}))
+        card = train_to(args.iterations)
+        print(json.dumps({"iterations": card["iterations"], "seconds_per_iteration": card["seconds_per_iteration"]}))
         return
 
     from PIL import Image
@@ -410,9 +227,10 @@ def main() -> None:
     results = []
     stops = list(range(args.eval_every, args.iterations, args.eval_every)) if args.eval_every else []
     for stop in [*stops, args.iterations]:
-        train_until(args, state, images, labels, device, stop)
-        synthetic, y_syn = synthetic_cells(state["G_ema"], device)
-        result = {"iterations": state["it"], "train_seconds": round(state["seconds"], 1), "spread": spread(synthetic, y_syn),
+        card = train_to(stop)
+        generator, _ = load_projected(args.out / "gan")
+        synthetic, y_syn = synthetic_cells(generator.to(device), device)
+        result = {"iterations": card["iterations"], "train_seconds": card["train_seconds"], "spread": spread(synthetic, y_syn),
                   **lite0_checks(data, synthetic, y_syn)}
         if stop == args.iterations and not args.no_wnet:
             result.update(wnet_checks(data, synthetic, y_syn))
@@ -421,8 +239,7 @@ def main() -> None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
         rows_of_ten = [np.concatenate(list(synthetic[k * 500: k * 500 + 10]), 1) for k in range(len(WBC5))]
-        Image.fromarray(np.concatenate(rows_of_ten, 0)).save(args.out / f"grid_{state['it']}.png")
-    torch.save({"G_ema": state["G_ema"].state_dict(), "it": state["it"]}, args.out / "generator_ema.pt")
+        Image.fromarray(np.concatenate(rows_of_ten, 0)).save(args.out / f"grid_{card['iterations']}.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``hematovision gan train|sample|report``: per-class DCGANs and their quality report."""
+"""``hematovision gan train|sample|report``: per-class DCGANs or one projected GAN, and their quality report."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from hematovision.cli._common import parse_classes
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``gan`` and its sub-commands."""
-    parser = subparsers.add_parser("gan", help="synthetic white cells: per-class DCGANs (train, sample, report)")
+    parser = subparsers.add_parser("gan", help="synthetic white cells: GANs (train, sample, report)")
     commands = parser.add_subparsers(dest="gan_command", metavar="GAN_COMMAND")
     # `hematovision gan` alone prints this help (exit 2); run() has only the arguments to go on.
     parser.set_defaults(print_gan_help=parser.print_help)
 
-    train = commands.add_parser("train", help="train one DCGAN per class (resumable)")
+    train = commands.add_parser("train", help="train one DCGAN per class, or one projected GAN for all (resumable)")
     source = train.add_argument_group("data")
     source.add_argument("--data", type=Path, help="class-folder dataset ROOT/<class>/*")
     source.add_argument("--split", type=Path,
@@ -26,9 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     which.add_argument("--all", action="store_true", help="train every class (or those of --classes)")
     source.add_argument("--classes", help="with --all: comma-separated classes to keep, e.g. the five WBC types")
     settings = train.add_argument_group("training")
+    settings.add_argument("--arch", choices=("dcgan", "projected"), default="dcgan",
+                          help="dcgan: one DCGAN per class in OUT/<class>/ (the W-Net paper's); projected: one "
+                               "class-conditional generator for all classes, judged through frozen ImageNet "
+                               "EfficientNet-Lite1 features (docs/synthetic.md), in OUT/")
     settings.add_argument("--size", type=int, default=64, choices=(32, 64, 128), help="image side in pixels")
-    settings.add_argument("--iterations", type=int, default=None, help="update steps per class (default 1500)")
-    settings.add_argument("--width", type=int, default=None, help="DCGAN ngf/ndf (default 32)")
+    settings.add_argument("--iterations", type=int, default=None,
+                          help="update steps (default: 1500 per class for dcgan, 5000 for projected)")
+    settings.add_argument("--width", type=int, default=None, help="DCGAN ngf/ndf; projected: generator channels at 64 px "
+                                                                   "(default 32)")
     settings.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     settings.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4)")
     settings.add_argument("--sample-every", type=int, default=None, help="save a sample grid every N steps")
@@ -40,7 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     settings.add_argument("--no-minibatch-std", action="store_true",
                           help="leave out the discriminator's minibatch standard-deviation channel")
     settings.add_argument("--spectral-norm", action="store_true",
-                          help="spectrally normalised discriminator convolutions instead of batch norm")
+                          help="dcgan: spectrally normalised discriminator convolutions instead of batch norm")
+    settings.add_argument("--mode-seeking", type=float, default=None,
+                          help="projected: weight of the mode-seeking term against look-alike cells (default 1; 0: off)")
+    settings.add_argument("--device", default="cpu", help="projected: where to train (cpu, or cuda where a GPU is lent)")
     settings.add_argument("--seed", type=int, default=0)
     settings.add_argument("--threads", type=int, default=2,
                           help="torch CPU threads (use 1 on a busy machine: small convolutions gain little from more)")
@@ -82,28 +91,45 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hematovision.gan.runs import train_gans
+    from hematovision.errors import HematoVisionError
+    from hematovision.gan.runs import train_gans, train_projected
     from hematovision.gan.train import GanConfig
+    from hematovision.gan.train_projected import ProjectedGanConfig
 
     torch.set_num_threads(max(1, args.threads))
     # A plain `kill` (SIGTERM) stops like Ctrl-C: the current iteration's checkpoint is saved first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    options = {
-        "size": args.size, "iterations": args.iterations, "width": args.width, "batch_size": args.batch_size,
-        "lr": args.lr, "sample_every": args.sample_every, "seed": args.seed, "augment": args.augment,
-        "dropout": args.dropout, "spectral_norm": args.spectral_norm, "minibatch_std": not args.no_minibatch_std,
-    }
-    # Options not given keep GanConfig's defaults.
+    classes = [args.class_name] if args.class_name else parse_classes(args.classes)
+    shared = {"size": args.size, "iterations": args.iterations, "width": args.width, "batch_size": args.batch_size,
+              "lr": args.lr, "sample_every": args.sample_every, "seed": args.seed, "augment": args.augment,
+              "minibatch_std": False if args.no_minibatch_std else None}
+    started = time.perf_counter()
+    if args.arch == "projected":
+        if args.class_name:
+            raise HematoVisionError("--arch projected trains one generator for several classes: use --all")
+        if args.dropout is not None or args.spectral_norm:
+            raise HematoVisionError("--dropout and --spectral-norm are DCGAN options; leave them out with --arch projected")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HematoVisionError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
+        # Options not given keep the config's defaults.
+        config = ProjectedGanConfig(**{k: v for k, v in {**shared, "mode_seeking": args.mode_seeking}.items() if v is not None})
+        card = train_projected(args.out, config, data=args.data, split=args.split, split_part=args.split_part,
+                               classes=classes, resume=args.resume, progress=not args.no_progress,
+                               max_minutes=args.max_minutes, device=args.device)
+        print(f"trained one projected GAN for {len(card['classes'])} classes: {card['iterations']} iterations, "
+              f"{card['train_seconds'] / 60:.1f} min of training time ({(time.perf_counter() - started) / 60:.1f} min wall); "
+              f"run folder {args.out}")
+        return 0
+    options = {**shared, "dropout": args.dropout, "spectral_norm": args.spectral_norm,
+               "minibatch_std": not args.no_minibatch_std}
     config = GanConfig(**{key: value for key, value in options.items() if value is not None})
 
     def trained(class_name: str, card: dict) -> None:
         print(f"{class_name}: {card['iterations']} iterations, "
               f"{card['train_seconds'] / 60:.1f} min on {card['num_train_images']} images")
 
-    started = time.perf_counter()
     cards = train_gans(
-        args.out, config, data=args.data, split=args.split, split_part=args.split_part,
-        classes=[args.class_name] if args.class_name else parse_classes(args.classes),
+        args.out, config, data=args.data, split=args.split, split_part=args.split_part, classes=classes,
         resume=args.resume, progress=not args.no_progress, max_minutes=args.max_minutes, on_trained=trained,
     )
     total = sum(card["train_seconds"] for card in cards.values())

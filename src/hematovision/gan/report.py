@@ -37,6 +37,7 @@ from hematovision.gan.train import (
     sample_images,
     save_grid,
 )
+from hematovision.gan.train_projected import KIND, ProjectedGanConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def build_report(
 
     synthetic, y_syn = [], []
     for name in class_names:
-        images = sample_images(load_generator(runs[name]), n_synthetic, seed=class_seed(seed, name))
+        images = sample_images(load_generator(runs[name], name), n_synthetic, seed=class_seed(seed, name))
         synthetic.append(images)
         y_syn += [index[name]] * len(images)
     synthetic_images = np.concatenate(synthetic)
@@ -120,9 +121,10 @@ def build_report(
         "classes": class_names, "size": size, "n_synthetic_per_class": n_synthetic, "seed": seed,
         "split": str(split_csv), "feature_dim": int(f_train.shape[1]), "feature_config": json.loads(json.dumps(extractor.config)),
         "train_counts": _counts(y_train, class_names), "test_counts": _counts(y_test, class_names),
-        "gan_training": {n: {k: cards[n][k] for k in ("iterations", "train_seconds", "num_train_images")} for n in class_names},
-        # Through GanConfig so that runs saved before an option existed show its old value.
-        "gan_config": asdict(GanConfig.from_dict(next(iter(cards.values()))["config"])),
+        "gan_kind": _kind(cards),
+        "gan_training": {n: _training(cards[n], n) for n in class_names},
+        # Through the config class so that runs saved before an option existed show its old value.
+        "gan_config": _config(next(iter(cards.values()))),
     }
 
     # Check 1: real-trained probe labels the synthetic cells.
@@ -235,7 +237,25 @@ def _card(class_dir: Path, allow_unfinished: bool) -> dict:
                                 "(or preview with --allow-unfinished)")
     state = torch.load(class_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     return {"config": state["config"], "iterations": int(state["iteration"]), "train_seconds": float(state["seconds"]),
-            "num_train_images": state.get("num_train_images")}
+            "num_train_images": state.get("num_train_images"), "kind": state.get("kind", "dcgan")}
+
+
+def _kind(cards: dict[str, dict]) -> str:
+    """"projected" (one conditional generator for all classes) or "dcgan" (one per class)."""
+    return str(next(iter(cards.values())).get("kind", "dcgan"))
+
+
+def _training(card: dict, class_name: str) -> dict:
+    """Iterations, training seconds and training images of one class's generator."""
+    images = card["num_train_images"]
+    return {"iterations": card["iterations"], "train_seconds": card["train_seconds"],
+            "num_train_images": images[class_name] if isinstance(images, dict) else images}
+
+
+def _config(card: dict) -> dict:
+    if card.get("kind") == KIND:
+        return asdict(ProjectedGanConfig.from_dict(card["config"]))
+    return asdict(GanConfig.from_dict(card["config"]))
 
 
 def _features(out_dir: Path, name: str, images: np.ndarray, key: dict, extractor: Any) -> np.ndarray:
@@ -371,6 +391,22 @@ def _discriminator_text(config: dict) -> str:
     return ", ".join(parts)
 
 
+def _gan_text(metrics: dict) -> str:
+    config = metrics["gan_config"]
+    if metrics.get("gan_kind") == KIND:
+        switches = [name for name, on in (("hierarchical z", config["hierarchical"]),
+                                          ("minibatch std", config["minibatch_std"])) if on]
+        return (f"one class-conditional generator (width {config['width']}, latent {config['latent_dim']}, "
+                f"{', '.join(switches) or 'plain z'}), Projected-GAN discriminator on frozen EfficientNet-Lite"
+                f"{config['variant']} stages, hinge loss, mode seeking {config['mode_seeking']}, batch "
+                f"{config['batch_size']}, up to {config['iterations']} iterations (done: see table), Adam lr "
+                f"{config['lr']}, EMA {config['ema']}, DiffAugment {config['augment'] or 'none'}")
+    return (f"DCGAN width {config['width']}, latent {config['latent_dim']}, batch {config['batch_size']}, "
+            f"up to {config['iterations']} iterations (done: see table), Adam lr {config['lr']}, β1 {config['beta1']}, "
+            f"dropout {config['dropout']}, real label {config['real_label']}, "
+            f"discriminator {_discriminator_text(config)}")
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -378,7 +414,6 @@ def _pct(value: float) -> str:
 def render_markdown(metrics: dict) -> str:
     """The report as Markdown, from the ``metrics.json`` dictionary."""
     names = metrics["classes"]
-    config = metrics["gan_config"]
     lines = [
         "### Setup",
         "",
@@ -387,21 +422,19 @@ def render_markdown(metrics: dict) -> str:
         (f"- Images at the GAN's resolution ({metrics['size']} px) for real and synthetic alike, then the frozen "
         f"backbone `{metrics['feature_config']['backbone']}` at {metrics['feature_config']['preprocessing']['image_size']} px "
         f"→ {metrics['feature_dim']}-d features."),
-        (f"- GAN: DCGAN width {config['width']}, latent {config['latent_dim']}, batch {config['batch_size']}, "
-        f"up to {config['iterations']} iterations (done: see table), Adam lr {config['lr']}, β1 {config['beta1']}, "
-        f"dropout {config['dropout']}, real label {config['real_label']}, "
-        f"discriminator {_discriminator_text(config)}; "
-        f"{metrics['n_synthetic_per_class']} synthetic cells per class (seed {metrics['seed']})."),
+        f"- GAN: {_gan_text(metrics)}; {metrics['n_synthetic_per_class']} synthetic cells per class (seed {metrics['seed']}).",
         "",
         "| class | real train | real held-out | GAN iterations | GAN training time |",
         "|---|---:|---:|---:|---:|",
     ]
+    shared = metrics.get("gan_kind") == KIND  # one generator for all classes: one training time
     total = 0.0
     for name in names:
         gan = metrics["gan_training"][name]
-        total += gan["train_seconds"]
+        total = gan["train_seconds"] if shared else total + gan["train_seconds"]
+        time_text = "(shared)" if shared else f"{gan['train_seconds'] / 60:.1f} min"
         lines.append(f"| {name} | {metrics['train_counts'][name]} | {metrics['test_counts'][name]} | "
-                     f"{gan['iterations']} | {gan['train_seconds'] / 60:.1f} min |")
+                     f"{gan['iterations']} | {time_text} |")
     lines += [(f"| **all** | {sum(metrics['train_counts'].values())} | {sum(metrics['test_counts'].values())} | | "
               f"**{total / 60:.1f} min** |"), ""]
 

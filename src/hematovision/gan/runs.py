@@ -1,8 +1,10 @@
-"""A GAN run folder: one DCGAN per class in ``OUT/<class>/``, and ``OUT/run.json`` over them all.
+"""A GAN run folder: one DCGAN per class in ``OUT/<class>/``, and ``OUT/run.json`` over them all; or
+one class-conditional projected GAN for every class in ``OUT/`` itself.
 
 :func:`train_gans` is what ``hematovision gan train`` runs. Classes may be trained by separate
 calls into one run folder (e.g. one class per machine, or ``--resume`` with more iterations);
 ``run.json`` then merges each call's classes with those already recorded.
+:func:`train_projected` is what ``hematovision gan train --arch projected`` runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hematovision._io import write_json
 from hematovision.data.folder import Sample
 from hematovision.errors import HematoVisionError
 from hematovision.gan.train import GanConfig
+from hematovision.gan.train_projected import ProjectedGanConfig
 
 RUN_FILE = "run.json"
 # What run.json keeps of each class's card (the card itself is in the class folder).
@@ -123,6 +126,38 @@ def train_gans(
             on_trained(class_name, cards[class_name])
     record_run(out_dir, cards, source=str(split or data), split_part=split_part if split else None)
     return cards
+
+
+def train_projected(
+    out_dir: str | Path,
+    config: ProjectedGanConfig,
+    data: str | Path | None = None,
+    split: str | Path | None = None,
+    split_part: str = "train",
+    classes: Sequence[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_minutes: float | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Train (or resume) one class-conditional projected GAN for all classes into ``out_dir``.
+
+    The arguments are those of :func:`train_gans`, plus ``device``. Returns the GAN card.
+
+    Raises:
+        HematoVisionError: fewer than two classes, or what :func:`training_samples` and
+            :func:`hematovision.gan.train_projected.train_projected_gan` refuse.
+    """
+    from hematovision.data.folder import load_images
+    from hematovision.gan.train_projected import train_projected_gan
+
+    samples = training_samples(data, split, split_part, classes)
+    if len(samples) < 2:
+        raise HematoVisionError(f"a class-conditional GAN needs at least two classes; got {sorted(samples)}")
+    config.check(len(samples))
+    images = {name: load_images(found, config.size, desc=f"loading {name}").images for name, found in samples.items()}
+    return train_projected_gan(images, out_dir, config, resume=resume, progress=progress, max_minutes=max_minutes,
+                               device=device)
 
 
 def record_run(out_dir: str | Path, cards: dict[str, dict], source: str, split_part: str | None) -> dict:

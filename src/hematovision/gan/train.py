@@ -22,6 +22,7 @@ from hematovision._io import atomic_write, write_json, write_text
 from hematovision.errors import HematoVisionError
 from hematovision.gan.augment import diff_augment, parse_policy
 from hematovision.gan.dcgan import Discriminator, Generator, init_weights
+from hematovision.gan.projected import OneClass
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def random_dihedral(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tens
     codes = rng.integers(0, 8, size=len(batch))
     out = torch.empty_like(batch)
     for code in range(8):
-        mask = torch.from_numpy(codes == code)
+        mask = torch.from_numpy(codes == code).to(batch.device)
         if mask.any():
             part = batch[mask]
             if code >= 4:
@@ -335,7 +336,7 @@ def train_class_gan(
 
 
 @torch.no_grad()
-def generate(generator: Generator, z: torch.Tensor) -> np.ndarray:
+def generate(generator: Generator | OneClass, z: torch.Tensor) -> np.ndarray:
     """Images for latent vectors ``z`` (N, latent_dim) with the generator in eval mode: (N, S, S, 3) uint8.
 
     Eval mode makes batch norm use its running statistics, so an image depends only on
@@ -348,7 +349,7 @@ def generate(generator: Generator, z: torch.Tensor) -> np.ndarray:
     return images
 
 
-def sample_images(generator: Generator, n: int, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+def sample_images(generator: Generator | OneClass, n: int, seed: int = 0, batch_size: int = 256) -> np.ndarray:
     """Draw ``n`` images, reproducibly for a given ``seed``: (n, S, S, 3) uint8."""
     source = torch.Generator().manual_seed(seed)
     z = torch.randn(n, generator.latent_dim, generator=source)
@@ -356,11 +357,22 @@ def sample_images(generator: Generator, n: int, seed: int = 0, batch_size: int =
     return np.concatenate(parts) if parts else np.zeros((0, generator.size, generator.size, 3), np.uint8)
 
 
-def load_generator(class_dir: str | Path) -> Generator:
-    """The trained generator of a class run folder (from its final weights, else its checkpoint)."""
+def load_generator(class_dir: str | Path, class_name: str | None = None) -> Generator | OneClass:
+    """The trained generator of a class run folder (from its final weights, else its checkpoint): ``z -> image``.
+
+    For a projected-GAN run folder (one generator for all classes) ``class_name`` picks the class.
+    """
     import json
 
+    from hematovision.gan.train_projected import load_projected, projected_classes
+
     class_dir = Path(class_dir)
+    classes = projected_classes(class_dir)
+    if classes is not None:
+        if class_name not in classes:
+            raise HematoVisionError(f"{class_dir}: the projected GAN draws {classes}, not {class_name!r}")
+        generator, _ = load_projected(class_dir)
+        return OneClass(generator, classes.index(class_name)).eval()
     card_path, weights_path, checkpoint_path = class_dir / CARD_FILE, class_dir / GENERATOR_FILE, class_dir / CHECKPOINT
     if card_path.exists() and weights_path.exists():
         from safetensors.torch import load_file
@@ -392,7 +404,10 @@ def find_class_runs(run_dir: str | Path) -> dict[str, Path]:
         return any((path / name).exists() for name in (GENERATOR_FILE, CHECKPOINT))
 
     if is_class_run(run_dir):
-        return {_class_of(run_dir): run_dir}
+        from hematovision.gan.train_projected import projected_classes
+
+        classes = projected_classes(run_dir)  # one generator for all classes
+        return {name: run_dir for name in classes} if classes is not None else {_class_of(run_dir): run_dir}
     runs = {_class_of(path): path for path in sorted(run_dir.iterdir()) if path.is_dir() and is_class_run(path)}
     if not runs:
         raise HematoVisionError(f"{run_dir} holds no GAN runs (no {GENERATOR_FILE} or {CHECKPOINT} in it or its sub-folders)")
@@ -424,7 +439,7 @@ def write_samples(run_dir: str | Path, n: int, out_dir: str | Path, seed: int = 
     out_dir = Path(out_dir)
     written: dict[str, list[Path]] = {}
     for class_name, class_dir in find_class_runs(run_dir).items():
-        generator = load_generator(class_dir)
+        generator = load_generator(class_dir, class_name)
         images = sample_images(generator, n, seed=class_seed(seed, class_name))
         paths = []
         for index, image in enumerate(images):
