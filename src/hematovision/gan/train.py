@@ -134,6 +134,13 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 8) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format="PNG", optimize=True))
 
 
+def write_losses(out_dir: Path, history: list[list[float]]) -> None:
+    """``losses.csv``: each iteration's discriminator and generator losses and mean discriminator outputs."""
+    lines = ["iteration,loss_d,loss_g,d_real,d_fake"]
+    lines += [f"{i + 1},{h[0]:.5f},{h[1]:.5f},{h[2]:.4f},{h[3]:.4f}" for i, h in enumerate(history)]
+    write_text(out_dir / "losses.csv", "\n".join(lines) + "\n")
+
+
 def build_models(config: GanConfig) -> tuple[Generator, Discriminator]:
     """A freshly initialised generator/discriminator pair for ``config``."""
     generator = Generator(config.size, config.latent_dim, config.width)
@@ -277,9 +284,7 @@ def train_class_gan(
             "num_train_images": len(images),
         }
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
-        lines = ["iteration,loss_d,loss_g,d_real,d_fake"]
-        lines += [f"{i + 1},{h[0]:.5f},{h[1]:.5f},{h[2]:.4f},{h[3]:.4f}" for i, h in enumerate(history)]
-        write_text(out_dir / "losses.csv", "\n".join(lines) + "\n")
+        write_losses(out_dir, history)
 
     bar = tqdm(range(start, config.iterations), desc=f"GAN {class_name}", unit="it", disable=not progress,
                initial=start, total=config.iterations)

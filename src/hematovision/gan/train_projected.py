@@ -20,11 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hematovision._io import atomic_write, write_json, write_text
+from hematovision._io import atomic_write, write_json
 from hematovision.errors import HematoVisionError
 from hematovision.gan.augment import diff_augment, parse_policy
 from hematovision.gan.projected import ConditionalGenerator, ProjectedDiscriminator, mode_seeking_term
-from hematovision.gan.train import CARD_FILE, CHECKPOINT, GENERATOR_FILE, images_to_tensor, random_dihedral, save_grid
+from hematovision.gan.train import (
+    CARD_FILE,
+    CHECKPOINT,
+    GENERATOR_FILE,
+    images_to_tensor,
+    random_dihedral,
+    save_grid,
+    tensor_to_images,
+    write_losses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +184,7 @@ def train_projected_gan(
                  "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state, "history": history,
                  "num_train_images": {name: len(images_by_class[name]) for name in class_names}}
         atomic_write(checkpoint_path, lambda tmp: torch.save(saved, tmp))
-        lines = ["iteration,loss_d,loss_g,d_real,d_fake"]
-        lines += [f"{i + 1},{h[0]:.5f},{h[1]:.5f},{h[2]:.4f},{h[3]:.4f}" for i, h in enumerate(history)]
-        write_text(out_dir / "losses.csv", "\n".join(lines) + "\n")
+        write_losses(out_dir, history)  # d_real, d_fake: mean hinge logits here, not probabilities
 
     # The classes take turns within every batch, in real and generated images alike.
     labels = (torch.arange(config.batch_size) % len(class_names)).to(device)
@@ -218,7 +225,7 @@ def train_projected_gan(
             if done % config.sample_every == 0 or done == config.iterations or out_of_time:
                 with torch.no_grad():
                     grid = generator_ema(fixed_z, fixed_y)
-                save_grid(_to_uint8(grid), out_dir / "samples" / f"iter_{done:06d}.png", columns=8)
+                save_grid(tensor_to_images(grid), out_dir / "samples" / f"iter_{done:06d}.png", columns=8)
             if done % config.checkpoint_every == 0 or done == config.iterations or out_of_time:
                 save_checkpoint(done)
                 tick = time.perf_counter()  # writing checkpoints is not training time
@@ -247,12 +254,6 @@ def train_projected_gan(
     }
     write_json(out_dir / CARD_FILE, card)
     return card
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    from hematovision.gan.train import tensor_to_images
-
-    return tensor_to_images(images)
 
 
 def projected_classes(run_dir: Path) -> list[str] | None:
