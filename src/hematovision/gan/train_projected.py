@@ -264,7 +264,9 @@ def projected_classes(run_dir: Path) -> list[str] | None:
     if card.exists():
         data = json.loads(card.read_text())
     elif (run_dir / CHECKPOINT).exists():
-        data = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        # Memory-mapped: only the small entries are read, not the networks' and optimisers' tensors.
+        # find_class_runs and load_generator ask this of every run folder, DCGAN checkpoints included.
+        data = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
     else:
         return None
     return list(data["classes"]) if data.get("kind") == KIND else None
