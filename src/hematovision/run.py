@@ -58,6 +58,7 @@ OOD_FILE = "ood.npz"
 
 CARD_FORMAT = 3
 MODES = ("frozen", "finetune")
+STANDARDISATIONS = ("training", "per_lab")
 VIEWS = (1, 2, 4, 8)
 # Fitted temperatures lie in [0.05, 20] (evaluate.metrics.fit_temperature's bounds); far above that
 # every answer would be uniform, so a card saying so is damaged rather than calibrated.
@@ -80,12 +81,16 @@ class FrozenHead:
         num_features: D, the feature size the head takes.
         hidden: hidden width of an MLP head; 0 for a linear head.
         head: how the head was fitted (kind, chosen C or epochs, validation score, seconds).
+        standardisation: ``training``: the features are standardised with the training split's
+            statistics; ``per_lab``: each training lab with its own (``train --lab-standardise``), and
+            ``evaluate`` standardises another lab's folder with the folder's own.
     """
 
     taps: list[int]
     num_features: int
     hidden: int = 0
     head: dict[str, Any] = field(default_factory=dict)
+    standardisation: str = "training"
 
 
 @dataclass
@@ -201,6 +206,8 @@ class ModelCard:
                 raise bad(f"frozen.hidden must be an integer from 0 to {MAX_HEAD_SIZE}")
             if not isinstance(head.head, dict):
                 raise bad("frozen.head must be a JSON object")
+            if head.standardisation not in STANDARDISATIONS:
+                raise bad(f"frozen.standardisation must be one of {', '.join(STANDARDISATIONS)}")
         # The descriptive sections are read by other commands (adapt, serve's /api/v1/model, the
         # lab-shift score): a wrong type there would fail later, far from the card.
         for name in ("data", "metrics", "files"):

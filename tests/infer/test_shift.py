@@ -57,6 +57,36 @@ def test_single_class_batches_are_part_of_the_calibration() -> None:
     assert with_classes > random_only
 
 
+def test_class_conditional_score_warns_on_cells_between_the_classes() -> None:
+    # Two well separated classes; another lab's cells land between them, no farther from the overall
+    # mean than the training cells are (what a fine-tuned network did with BCCD's crops).
+    rng = np.random.default_rng(0)
+    centres = np.where(np.arange(64) % 2, 3.0, -3.0)
+
+    def cells(n: int, sign: np.ndarray) -> np.ndarray:
+        return sign[:, None] * centres + rng.normal(0, 1, (n, 64))
+
+    train_labels, val_labels = np.repeat([0, 1], 200), np.repeat([0, 1], 100)
+    signs = lambda labels: np.where(labels == 0, 1.0, -1.0)  # noqa: E731
+    train, val = cells(400, signs(train_labels)), cells(200, signs(val_labels))
+    between = rng.normal(0, 1, (32, 64))
+    plain = ShiftReference.from_card(json.loads(json.dumps(fit_reference(train, val, val_labels))))
+    shift = fit_reference(train, val, val_labels, train_labels=train_labels)
+    assert shift["method"].startswith("class-conditional") and len(shift["class_means"]) == 2
+    classes = ShiftReference.from_card(json.loads(json.dumps(shift)))
+    assert plain is not None and classes is not None and classes.class_means is not None
+    assert not plain.assess(plain.image_scores(between)).shifted  # the plain score misses them
+    assert classes.assess(classes.image_scores(between)).shifted
+    for label in (0, 1):  # a folder of one cell type does not warn
+        one_class = cells(32, signs(np.full(32, label)))
+        assert not classes.assess(classes.image_scores(one_class)).shifted
+    assert classes.assess(classes.image_scores(cells(32, signs(np.zeros(32, int))) * 1.6)).shifted  # stretched
+    # A card whose class vectors do not fit is not used.
+    broken = dict(shift, class_std=shift["class_std"][:10])
+    assert ShiftReference.from_card(broken) is None
+    assert ShiftReference.from_card({k: v for k, v in shift.items() if k != "class_std"}) is None
+
+
 def test_a_few_extreme_features_do_not_decide_the_score() -> None:
     reference = ShiftReference.standardised()
     typical = np.random.default_rng(0).normal(size=(1, 500))
@@ -104,7 +134,8 @@ def frozen_run(labs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def test_train_stores_a_calibrated_threshold(frozen_run: Path) -> None:
     shift = json.loads((frozen_run / "model_card.json").read_text())["shift"]
     assert shift["threshold"] > 0 and shift["batch"] == 32 and "val split" in shift["calibrated_on"]
-    assert "mean" not in shift  # a frozen linear head's input is already standardised: no vectors in the card
+    assert "mean" not in shift  # a frozen linear head's input is already standardised: no overall vectors
+    assert shift["method"].startswith("class-conditional") and len(shift["class_means"]) == 3
 
 
 def test_the_other_lab_scores_higher_and_warns(frozen_run: Path, labs: dict[str, Path]) -> None:
@@ -250,3 +281,9 @@ def test_out_of_fold_reference_takes_its_threshold_from_held_out_cells() -> None
     same_lab = rng.normal(size=(32, 100))
     assert not reference.assess(reference.image_scores(same_lab)).shifted
     assert reference.assess(reference.image_scores(same_lab * 1.5 + 0.5)).shifted
+    fold_labels = [labels[fold != f] for f in range(3)]
+    with_classes = fit_reference_out_of_fold(features, folds, np.concatenate([labels[fold == f] for f in range(3)]),
+                                             labels=labels, fold_labels=fold_labels)
+    assert with_classes["method"].startswith("class-conditional") and len(with_classes["class_means"]) == 3
+    with pytest.raises(ValueError, match="together"):
+        fit_reference_out_of_fold(features, folds, labels=labels)

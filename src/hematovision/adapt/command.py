@@ -33,6 +33,7 @@ from hematovision.adapt.cells import LabCells, read_labelled, read_unlabelled
 from hematovision.adapt.head import HeadChoice, choose_head, summarise, threshold_and_temperature
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
+from hematovision.infer import lab_standardise as per_lab
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
 from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
@@ -117,8 +118,16 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
         pooled = pooled[keep]
         _require_cells(cells, folder, MIN_CELLS, "unlabelled ")
         logits0, features0 = norm.head_outputs(model, pooled)
-        norm.set_standardisation(model, *norm.lab_standardisation(pooled, model.feature_std.numpy()))
-        adapted = ["feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells"]
+        if per_lab.applies(card):  # class-balanced, as the run standardised each training lab
+            head = model.head
+            lab = per_lab.lab_moments(pooled, head.weight.detach().numpy().astype(np.float64),
+                                      head.bias.detach().numpy().astype(np.float64))
+            adapted = ["feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells, "
+                       "class-balanced with the head's predicted classes (a per-lab run)"]
+        else:
+            lab = norm.lab_standardisation(pooled, model.feature_std.numpy())
+            adapted = ["feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells"]
+        norm.set_standardisation(model, *lab)
         if entropy_epochs:
             logits_of, parameters, commit = norm.frozen_entropy_parameters(model, pooled)
             norm.minimise_entropy(logits_of, parameters, len(pooled), entropy_epochs, card.temperature, seed=seed)
@@ -325,7 +334,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
                          progress="fine-tuning on all cells")
     features = norm.final_outputs(tuned, images, card.preprocessing, card.tta)[1]
     shift = fit_reference_out_of_fold(features, fold_features, np.concatenate([labels[test] for _, test in folds]),
-                                      seed=seed)
+                                      seed=seed, labels=labels, fold_labels=[labels[train] for train, _ in folds])
     missing = "never predicted: the new head has not seen them" if missing_classes else ""
     started_from = "the source run's weights" if card.mode == "finetune" else "ImageNet weights (the frozen run's backbone)"
     adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "

@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     evaluate.add_argument("--batch-size", type=int,
                           help="images per forward pass (default 8: as fast as larger batches on a CPU, "
                                "less memory)")
+    evaluate.add_argument("--no-lab-standardise", action="store_true",
+                          help="a run trained with --lab-standardise: keep its own feature statistics even when "
+                               "the folder is another lab's (default: standardise such a folder on its own cells)")
     return evaluate
 
 
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     streaming = {"backend": args.backend or "auto", "workers": args.workers, "batch_size": args.batch_size}
     if args.data is not None:
-        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta, **streaming)
+        metrics = evaluate_folder(args.run_dir, args.data, args.out, args.tta, **streaming,
+                                  lab_standardise=not args.no_lab_standardise)
     else:
         metrics = evaluate_split(args.run_dir, args.split, args.out, args.tta, **streaming)
     print(summary_line(str(args.data or f"{args.split} split"), metrics))
@@ -54,4 +58,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"left out (unknown to the model): {', '.join(metrics['unknown_classes'])}")
     if (metrics.get("lab_shift") or {}).get("shifted"):
         print(f"warning: {metrics['lab_shift']['message']}")
+    if (metrics.get("lab_standardisation") or {}).get("applied"):
+        print(f"lab standardisation {metrics['lab_standardisation']['description']}")
     return 0

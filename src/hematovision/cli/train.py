@@ -50,6 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="scale normalisation: crop or pad every image around its white cell so the cell spans "
                              "this fraction of the input, whatever the magnification (0.38 is PBC's median, so PBC "
                              "images change little); stored in the model card, so prediction does the same")
+    robust.add_argument("--lab-standardise", action="store_true",
+                        help="frozen mode, logreg head: standardise each --data lab's features with its own "
+                             "class-balanced statistics; `evaluate` then standardises another lab's folder on its "
+                             "own cells (docs/labs.md)")
     fit = train.add_argument_group(
         "fine-tuning", "data-parallel under torchrun: torchrun --nproc_per_node N -m hematovision train --mode finetune "
                        "... (gloo on CPU, nccl on GPU; rank 0 writes the run folder)")
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         classes=parse_classes(args.classes), group_csv=args.group_csv, seed=args.seed,
         head=args.head, tta=args.tta, resume=args.resume, stain_norm=args.stain_norm,
         augment_copies=args.augment_copies, augment_strength=args.augment_strength, cell_scale=args.cell_scale,
+        lab_standardise=args.lab_standardise,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
                                 augment=not args.no_augment, strong_augment=args.strong_augment,
                                 patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),

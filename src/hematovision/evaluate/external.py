@@ -18,6 +18,7 @@ from hematovision.data.folder import Sample, label_indices
 from hematovision.data.images import display_path
 from hematovision.data.sources import scan_labelled
 from hematovision.errors import DatasetError
+from hematovision.evaluate.metrics import softmax
 from hematovision.run import METRICS_FILE, SPLIT_FILE, read_split
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
                     views: int | None = None, backend: str = "auto", workers: int | None = None,
-                    batch_size: int | None = None) -> dict:
+                    batch_size: int | None = None, lab_standardise: bool = True) -> dict:
     """Evaluate the run in ``run_dir`` on all images under ``data_dir`` (class folders, or images/ + a labels CSV).
 
     Classes of ``data_dir`` that the model does not know are reported (``unknown_classes``)
@@ -40,6 +41,9 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
         workers: image-decoding threads (see :mod:`hematovision.infer.stream`).
         batch_size: images per forward pass; the model's activations, not the images, set the peak
             memory (Lite0 at 224 px: about 400 MB at 32, 100 MB at 8).
+        lab_standardise: a per-lab run (``train --lab-standardise``) re-scores a folder whose lab-shift
+            score warns with the folder's own feature statistics (:mod:`hematovision.infer.lab_standardise`);
+            ``False`` keeps the run's statistics. Ignored for other runs.
 
     The images are streamed (decoded while the model runs, a few batches at a time), so memory
     holds the (N, K) probabilities, never the images.
@@ -51,7 +55,7 @@ def evaluate_folder(run_dir: str | Path, data_dir: str | Path, out_dir: str | Pa
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data_dir).resolve().name}"
     context = {"data": str(data_dir), "split": "all images of the folder (external test set)"}
     return _evaluate_samples(run_dir, folder.samples, out, Path(data_dir).name, context, views, backend, workers,
-                             batch_size)
+                             batch_size, lab_standardise)
 
 
 def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None = None, views: int | None = None,
@@ -73,7 +77,7 @@ def evaluate_split(run_dir: str | Path, split: str, out_dir: str | Path | None =
 
 def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path, name: str, context: dict,
                       views: int | None, backend: str = "auto", workers: int | None = None,
-                      batch_size: int | None = None) -> dict:
+                      batch_size: int | None = None, lab_standardise: bool = False) -> dict:
     from hematovision.evaluate.report import write_evaluation
     from hematovision.infer.predictor import Predictor
 
@@ -85,11 +89,20 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     chosen = [sample for sample in samples if sample.label in known]
     if not chosen:
         raise DatasetError(f"{context['data']} has no images of the model's classes {predictor.class_names}")
+    from hematovision.infer import lab_standardise as per_lab
+
+    restandardise = lab_standardise and predictor.shift is not None and per_lab.applies(predictor.card)
+    if restandardise:
+        assert predictor.shift is not None
+        predictor.shift.keep_features = True
     kept, probabilities, flagged, failures = _stream_scores(predictor, chosen, workers, batch_size)
     if not kept:
         raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
     shift = predictor.lab_shift()  # None for runs trained before the lab-shift score
     labels = label_indices(kept, predictor.class_names)
+    standardised = None
+    if restandardise:
+        probabilities, flagged, standardised = _on_own_statistics(predictor, labels, probabilities, flagged)
     context = {
         "run": str(run_dir), **context, "test-time views": predictor.views,
         "unknown_classes": ", ".join(unknown) or "none",
@@ -97,6 +110,8 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     }
     review = review_summary(labels, probabilities, flagged) if predictor.policy is not None else None
     context["review policy"] = _review_line(review)
+    if standardised is not None:
+        context["lab standardisation"] = standardised["description"]
     if shift is not None:
         context["lab-shift score"] = (f"{shift.score:.2f} (threshold {shift.threshold:.2f})" if shift.threshold
                                       else f"{shift.score:.2f}") + (": " + shift.message() if shift.shifted else "")
@@ -110,8 +125,48 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     metrics["precision"] = predictor.precision  # bf16 for OpenVINO on CPUs that have it
     metrics["lab_shift"] = shift.to_dict() if shift is not None else None
     metrics["review"] = review
+    metrics["lab_standardisation"] = standardised
     write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: np.ndarray, flagged: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A per-lab run's scores with the folder's own feature statistics, when its lab-shift score warns.
+
+    Returns:
+        The probabilities and review flags to report, and what was done (``applied``, and the run's
+        own-statistics accuracy as ``before`` when applied). The review policy keeps its confidence
+        threshold; its out-of-distribution check was fitted on the run's statistics and is not used.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    from hematovision.infer import lab_standardise as per_lab
+    from hematovision.infer.predictor import check_finite
+
+    assert predictor.shift is not None
+    shift = predictor.shift.result()
+    n = len(labels)
+    if shift is None or not shift.shifted or n < per_lab.MIN_IMAGES:
+        why = ("the folder's lab-shift score does not warn: its images are standardised like the training labs'"
+               if n >= per_lab.MIN_IMAGES else f"only {n} image(s): at least {per_lab.MIN_IMAGES} are needed")
+        return probabilities, flagged, {"applied": False, "description": f"not applied ({why})"}
+    result = per_lab.restandardise(predictor.model, predictor.shift.features())
+    restandardised = softmax(result.logits, predictor.temperature)
+    check_finite(restandardised)
+    policy = predictor.policy
+    new_flags = (restandardised.max(axis=1) < policy.confidence_threshold if policy is not None
+                 else np.zeros(n, bool))
+    before = probabilities.argmax(axis=1)
+    record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS,
+              "before": {"accuracy": float((before == labels).mean()),
+                         "balanced_accuracy": float(balanced_accuracy_score(labels, before)),
+                         "predictions_changed": float((restandardised.argmax(axis=1) != before).mean())}}
+    record["description"] = (f"applied: the {n} images were standardised on their own class-balanced feature "
+                             f"statistics (a per-lab run on another lab); with the run's statistics the accuracy was "
+                             f"{record['before']['accuracy']:.4f}, balanced {record['before']['balanced_accuracy']:.4f}")
+    log.info("lab standardisation %s", record["description"])
+    return restandardised, new_flags, record
 
 
 def _stream_scores(predictor: Predictor, samples: Sequence[Sample], workers: int | None,

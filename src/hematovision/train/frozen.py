@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hematovision.infer.lab_standardise import class_balanced_moments
 from hematovision.models.frozen import FrozenClassifier
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def fit_frozen_classifier(
     num_classes: int,
     head: str = "logreg",
     seed: int = 0,
+    sources: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[FrozenClassifier, dict]:
     """The frozen classifier of ``hematovision train --mode frozen``, its head fitted on cached features.
 
@@ -48,13 +50,15 @@ def fit_frozen_classifier(
         num_classes: K.
         head: ``logreg`` or ``mlp`` (see :func:`fit_head`).
         seed: seeds the MLP head.
+        sources: per-lab standardisation (``train --lab-standardise``): the lab of each training and
+            each validation row (see :func:`fit_head`).
 
     Returns:
         The classifier and the head's summary (see :func:`fit_head`).
     """
     classifier = FrozenClassifier(features, train_features.shape[1], num_classes, hidden=head_hidden(head))
     summary = fit_head(classifier, train_features, train_labels, val_features, val_labels, num_classes,
-                       head=head, seed=seed)
+                       head=head, seed=seed, sources=sources)
     return classifier, summary
 
 
@@ -68,8 +72,17 @@ def fit_head(
     head: str = "logreg",
     seed: int = 0,
     c_grid: Sequence[float] = (0.02, 0.05, 0.2),
+    sources: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Fit the head on cached features; the regularisation is chosen on validation data.
+
+    The features are standardised first: with the training split's mean and standard deviation, or,
+    given ``sources`` (the lab of each training and validation row), each lab with its own
+    class-balanced statistics (:func:`~hematovision.infer.lab_standardise.class_balanced_moments`, fitted on
+    its training rows). The head then learns what is left once each lab's stain and optics have been
+    taken out of the features' offset and scale, and a new lab is standardised the same way on its
+    own cells (``evaluate``, ``adapt --unlabelled``). The classifier keeps the labs' average
+    statistics for images whose lab is unknown.
 
     ``logreg``: multinomial logistic regression (scikit-learn, class-balanced), the C with the best
     validation balanced accuracy. ``mlp``: one hidden layer trained with AdamW, dropout and label
@@ -79,25 +92,58 @@ def fit_head(
         A summary dict (chosen hyper-parameters, validation score, seconds).
     """
     started = time.perf_counter()
-    mean = train_features.mean(axis=0)
-    # A feature constant over the training images (Lite's ReLU6 channels often sit at 0) keeps the
-    # scale 1, as scikit-learn's StandardScaler does: dividing by ~0 would turn its first change at
-    # prediction time into a value of ~1e6, which wrecks an MLP head and the OOD score.
-    std = train_features.std(axis=0)
-    std = np.where(std < 1e-6, 1.0, std)
+    if sources is None:
+        mean = train_features.mean(axis=0)
+        # A feature constant over the training images (Lite's ReLU6 channels often sit at 0) keeps the
+        # scale 1, as scikit-learn's StandardScaler does: dividing by ~0 would turn its first change at
+        # prediction time into a value of ~1e6, which wrecks an MLP head and the OOD score.
+        std = train_features.std(axis=0)
+        std = np.where(std < 1e-6, 1.0, std)
+        train_z = (train_features - mean) / std
+        val_z = (val_features - mean) / std
+    else:
+        (mean, std), train_z, val_z = _per_lab_standardised(train_features, train_labels, val_features, num_classes,
+                                                            *sources)
     classifier.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
     classifier.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
-    train_z = (train_features - mean) / std
-    val_z = (val_features - mean) / std
     if head == "logreg":
         summary = _fit_logreg(classifier.head, train_z, train_labels, val_z, val_labels, c_grid)
     elif head == "mlp":
         summary = _fit_mlp(classifier.head, train_z, train_labels, val_z, val_labels, num_classes, seed)
     else:
         raise ValueError(f"unknown head {head!r} (logreg, mlp)")
+    if sources is not None:
+        summary["standardisation"] = "per_lab"
+        summary["labs"] = sorted(str(name) for name in np.unique(sources[0]))
     summary["seconds"] = time.perf_counter() - started
     log.info("head %s fitted in %.1fs: %s", head, summary["seconds"], summary)
     return summary
+
+
+def _per_lab_standardised(train: np.ndarray, labels: np.ndarray, val: np.ndarray, num_classes: int,
+                          train_labs: np.ndarray, val_labs: np.ndarray
+                          ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+    """Each lab's rows standardised with that lab's class-balanced training statistics.
+
+    Returns:
+        The labs' average (mean, std) for the classifier (the root mean of each lab's variance
+        around the average mean), and the standardised training and validation rows.
+    """
+    one_hot = np.eye(num_classes)[labels]
+    moments = {lab: class_balanced_moments(train[train_labs == lab], one_hot[train_labs == lab])
+               for lab in np.unique(train_labs)}
+    mean = np.mean([m for m, _ in moments.values()], axis=0)
+    std = np.sqrt(np.mean([s**2 + (m - mean) ** 2 for m, s in moments.values()], axis=0))
+    average = (mean, std)
+
+    def standardise(rows: np.ndarray, labs: np.ndarray) -> np.ndarray:
+        out = np.empty(rows.shape, np.float64)
+        for lab in np.unique(labs):
+            m, s = moments.get(lab, average)  # a lab with no training rows: the average
+            out[labs == lab] = (rows[labs == lab] - m) / s
+        return out
+
+    return average, standardise(train, train_labs), standardise(val, val_labs)
 
 
 def _balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:

@@ -84,6 +84,9 @@ class TrainConfig:
         augment_strength: how strong those copies' changes are (1: the spread measured between labs).
         cell_scale: scale normalisation (``Preprocessing.cell_scale``): every image is cropped or padded
             around its white cell so the cell spans this fraction of the input; ``None``: off.
+        lab_standardise: frozen mode, logistic head: standardise each source's features with its own
+            class-balanced statistics before the head (``train.frozen.fit_head``); ``evaluate`` then
+            standardises another lab's folder on its own cells. Recorded as ``frozen.standardisation``.
     """
 
     out: Path
@@ -106,6 +109,7 @@ class TrainConfig:
     augment_copies: int = 0
     augment_strength: float = 1.0
     cell_scale: float | None = None
+    lab_standardise: bool = False
 
     def data_dirs(self) -> list[Path]:
         """The ``data`` folders as a list (empty when the splits are given with ``train_dir``)."""
@@ -234,6 +238,9 @@ def run_training(config: TrainConfig) -> dict:
         raise DatasetError("--augment-copies is for frozen mode; fine-tuning augments every epoch (--strong-augment)")
     if config.augment_copies < 0 or config.augment_strength < 0:
         raise DatasetError("--augment-copies and --augment-strength must be 0 or more")
+    if config.lab_standardise and (config.mode != "frozen" or config.head != "logreg"):
+        raise DatasetError("--lab-standardise is for frozen mode with the logreg head (a fine-tuned network "
+                           "re-estimates its batch-norm statistics instead: adapt --unlabelled)")
     if config.mode == "frozen" and not config.pretrained:
         raise DatasetError("frozen mode needs pretrained weights: frozen random features are meaningless")
     if config.mode == "frozen":
@@ -303,10 +310,17 @@ def run_training(config: TrainConfig) -> dict:
             return {}
         if world.distributed:
             card.data["feature_processes"] = world.size
+        labs = None
+        if config.lab_standardise:
+            train_labs = np.array([str(sample.source) for sample in parts["train"].samples])
+            labs = (np.tile(train_labs, config.augment_copies + 1),
+                    np.array([str(sample.source) for sample in parts["val"].samples]))
         model, summary = fit_frozen_classifier(extractor.module, train_x, train_y, features["val"],
-                                               y["val"], len(class_names), head=config.head, seed=config.seed)
+                                               y["val"], len(class_names), head=config.head, seed=config.seed,
+                                               sources=labs)
         card.frozen = FrozenHead(taps=list(extractor.taps), num_features=int(features["train"].shape[1]),
-                                 hidden=head_hidden(config.head), head=summary)
+                                 hidden=head_hidden(config.head), head=summary,
+                                 standardisation="per_lab" if config.lab_standardise else "training")
         with torch.no_grad():
             logits = {part: model.forward_head(torch.as_tensor(f, dtype=torch.float32)).numpy()
                       for part, f in features.items() if len(f) and f.shape[1] > 1}
@@ -324,7 +338,7 @@ def run_training(config: TrainConfig) -> dict:
         logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
                   for part, loaded in parts.items() if len(loaded.samples)}
 
-    card.shift = _lab_shift_reference(model, prep, config.tta, parts, y["val"],
+    card.shift = _lab_shift_reference(model, prep, config.tta, parts, y,
                                       features if config.mode == "frozen" else None, config.seed)
     temperature = fit_temperature(logits["val"], y["val"])
     card.temperature = temperature
@@ -368,8 +382,8 @@ SHIFT_MAX_TRAIN = 2000
 
 
 def _lab_shift_reference(model: torch.nn.Module, prep: Preprocessing, views: int, parts: dict[str, LoadedImages],
-                         val_labels: np.ndarray, pooled: dict[str, np.ndarray] | None, seed: int) -> dict | None:
-    """``card.shift``: the final layer's input statistics on train, the warning threshold from val batches.
+                         labels: dict[str, np.ndarray], pooled: dict[str, np.ndarray] | None, seed: int) -> dict | None:
+    """``card.shift``: the final layer's input statistics on train (per class), the warning threshold from val batches.
 
     A frozen run's features come from its cached pooled features (no second backbone pass); a
     fine-tuned run's from one more pass over the validation, test and (at most 2000) training images.
@@ -385,10 +399,12 @@ def _lab_shift_reference(model: torch.nn.Module, prep: Preprocessing, views: int
             forward = torch_forward(model, prep, views)
             rng = np.random.default_rng(seed)
             features = {}
+            labels = dict(labels)
             for part, loaded in parts.items():
                 images = loaded.images
                 if part == "train" and len(images) > SHIFT_MAX_TRAIN:
-                    images = images[np.sort(rng.choice(len(images), SHIFT_MAX_TRAIN, replace=False))]
+                    chosen = np.sort(rng.choice(len(images), SHIFT_MAX_TRAIN, replace=False))
+                    images, labels["train"] = images[chosen], labels["train"][chosen]
                 if len(images):
                     features[part] = np.concatenate([forward(images[i:i + 64])[1] for i in range(0, len(images), 64)])
     except HematoVisionError as error:  # a network without a final linear layer has no features to score
@@ -396,6 +412,7 @@ def _lab_shift_reference(model: torch.nn.Module, prep: Preprocessing, views: int
         return None
     if len(features.get("train", ())) < 2 or not len(features.get("val", ())):
         return None
-    shift = fit_reference(features["train"], features["val"], val_labels, features.get("test"), seed=seed)
+    shift = fit_reference(features["train"], features["val"], labels["val"], features.get("test"), seed=seed,
+                          train_labels=labels["train"])
     log.info("lab-shift threshold %.3f (%s)", shift["threshold"], shift["calibrated_on"])
     return shift
