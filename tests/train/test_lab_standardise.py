@@ -132,3 +132,15 @@ def test_lab_standardise_outside_frozen_logreg_is_refused(args: list[str], labs:
                  *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lab-standardise is for frozen mode with the logreg head" in err[0]
+
+
+def test_a_head_refitted_by_few_shot_adapt_keeps_its_standardisation(per_lab_run: Path, labs: dict[str, Path],
+                                                                     tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "few"
+    assert main(["adapt", str(per_lab_run), "--out", str(out), "--data", str(labs["other"]), "--k-per-class", "5",
+                 "--no-finetune"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["adaptation"]["choice"]["prior"] is not None  # the head was refitted on the lab's cells
+    assert card["frozen"]["standardisation"] == "training"
+    # So evaluating the lab's other cells does not standardise them again.
+    assert _evaluate(out, labs["other"], tmp_path / "ev")["lab_standardisation"] is None

@@ -244,8 +244,13 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         log.info("no labelled cells of %s: %s", ", ".join(cells.missing_classes), missing)
     choice_record = {"chosen": choice.describe(), "norm": choice.norm, "anchor": choice.anchor,
                      "prior": choice.prior, "folds": choice.folds, "candidates": choice.candidates}
+    changes: dict[str, Any] = {}
+    if choice.prior is not None and per_lab.applies(card) and card.frozen is not None:
+        # The refitted head learnt the features as standardised now: `evaluate` must not standardise
+        # the lab's other cells on their own statistics again.
+        changes["frozen"] = replace(card.frozen, standardisation="training")
     return _few_shot_result(card, cells, folder, source_policy, logits0, features0, model, adapted, choice_record,
-                            choice.oof_logits, choice.features, missing, {})
+                            choice.oof_logits, choice.features, missing, changes)
 
 
 def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_policy: ReviewPolicy | None,
