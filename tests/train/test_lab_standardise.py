@@ -142,5 +142,9 @@ def test_a_head_refitted_by_few_shot_adapt_keeps_its_standardisation(per_lab_run
     card = json.loads((out / "model_card.json").read_text())
     assert card["adaptation"]["choice"]["prior"] is not None  # the head was refitted on the lab's cells
     assert card["frozen"]["standardisation"] == "training"
-    # So evaluating the lab's other cells does not standardise them again.
-    assert _evaluate(out, labs["other"], tmp_path / "ev")["lab_standardisation"] is None
+    # So evaluating the lab's other cells does not standardise them again; and its lab-shift reference
+    # is the lab's own cells (per class, threshold from held-out folds), so the lab does not warn.
+    assert "cross-validation folds" in card["shift"]["calibrated_on"] and len(card["shift"]["class_means"]) == 3
+    metrics = _evaluate(out, labs["other"], tmp_path / "ev")
+    assert metrics["lab_standardisation"] is None and metrics["lab_shift"]["shifted"] is False
+    assert _evaluate(out, labs["train"], tmp_path / "ev_train")["lab_shift"]["shifted"] is True  # the source lab now warns

@@ -245,12 +245,33 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
     choice_record = {"chosen": choice.describe(), "norm": choice.norm, "anchor": choice.anchor,
                      "prior": choice.prior, "folds": choice.folds, "candidates": choice.candidates}
     changes: dict[str, Any] = {}
+    shift = _lab_reference(choice.features, labels, seed)
+    if shift is not None:
+        changes["shift"] = shift
     if choice.prior is not None and per_lab.applies(card) and card.frozen is not None:
         # The refitted head learnt the features as standardised now: `evaluate` must not standardise
         # the lab's other cells on their own statistics again.
         changes["frozen"] = replace(card.frozen, standardisation="training")
     return _few_shot_result(card, cells, folder, source_policy, logits0, features0, model, adapted, choice_record,
                             choice.oof_logits, choice.features, missing, changes)
+
+
+def _lab_reference(features: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any] | None:
+    """The lab-shift reference of a head-only adaptation: the lab's own cells, per class.
+
+    The source run's reference describes its training labs' classes, which the lab's cells need not
+    be near even when the new head classifies them well. The threshold comes from 3 stratified folds
+    (each fold's held-out cells scored against the classes of the others). ``None`` (the source's
+    reference is kept) when no class has 3 cells.
+    """
+    from hematovision.adapt.head import fold_indices
+
+    if np.bincount(labels).max() < 3:
+        return None
+    folds, _ = fold_indices(labels, seed, folds=3, leave_one_out_up_to=0)
+    return fit_reference_out_of_fold(features, [(features[train], features[test]) for train, test in folds],
+                                     np.concatenate([labels[test] for _, test in folds]), seed=seed,
+                                     labels=labels, fold_labels=[labels[train] for train, _ in folds])
 
 
 def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_policy: ReviewPolicy | None,
