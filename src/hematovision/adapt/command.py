@@ -119,9 +119,7 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
         _require_cells(cells, folder, MIN_CELLS, "unlabelled ")
         logits0, features0 = norm.head_outputs(model, pooled)
         if per_lab.applies(card):  # class-balanced, as the run standardised each training lab
-            head = model.head
-            lab = per_lab.lab_moments(pooled, head.weight.detach().numpy().astype(np.float64),
-                                      head.bias.detach().numpy().astype(np.float64))
+            lab = per_lab.head_moments(model, pooled)
             adapted = ["feature standardisation (feature_mean, feature_std) re-estimated on the lab's cells, "
                        "class-balanced with the head's predicted classes (a per-lab run)"]
         else:

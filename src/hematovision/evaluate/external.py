@@ -18,7 +18,6 @@ from hematovision.data.folder import Sample, label_indices
 from hematovision.data.images import display_path
 from hematovision.data.sources import scan_labelled
 from hematovision.errors import DatasetError
-from hematovision.evaluate.metrics import softmax
 from hematovision.run import METRICS_FILE, SPLIT_FILE, read_split
 
 if TYPE_CHECKING:
@@ -142,7 +141,6 @@ def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: 
     from sklearn.metrics import balanced_accuracy_score
 
     from hematovision.infer import lab_standardise as per_lab
-    from hematovision.infer.predictor import check_finite
 
     assert predictor.shift is not None
     shift = predictor.shift.result()
@@ -151,12 +149,8 @@ def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: 
         why = ("the folder's lab-shift score does not warn: its images are standardised like the training labs'"
                if n >= per_lab.MIN_IMAGES else f"only {n} image(s): at least {per_lab.MIN_IMAGES} are needed")
         return probabilities, flagged, {"applied": False, "description": f"not applied ({why})"}
-    result = per_lab.restandardise(predictor.model, predictor.shift.features())
-    restandardised = softmax(result.logits, predictor.temperature)
-    check_finite(restandardised)
-    policy = predictor.policy
-    new_flags = (restandardised.max(axis=1) < policy.confidence_threshold if policy is not None
-                 else np.zeros(n, bool))
+    logits = per_lab.restandardise(predictor.model, predictor.shift.features())
+    restandardised, new_flags = predictor.review(logits, None)  # no OOD check: fitted on the run's statistics
     before = probabilities.argmax(axis=1)
     record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS,
               "before": {"accuracy": float((before == labels).mean()),

@@ -19,7 +19,6 @@ It needs the final layer's inputs to be the standardised features, i.e. a linear
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -92,36 +91,31 @@ def lab_moments(pooled: np.ndarray, weight: np.ndarray, bias: np.ndarray,
     return mean, std
 
 
-@dataclass(frozen=True)
-class Restandardised:
-    """A lab's cells re-scored with the lab's own standardisation.
-
-    Attributes:
-        logits: (N, K) the head's logits.
-        features: (N, D) the head's inputs, standardised on the lab.
-        mean, std: (D,) the lab's statistics.
-    """
-
-    logits: np.ndarray
-    features: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
+def _linear_head(model: nn.Module) -> tuple[FrozenClassifier, np.ndarray, np.ndarray]:
+    """The frozen classifier and its linear head's (K, D) weight and (K,) bias, float64."""
+    classifier = cast("FrozenClassifier", model)
+    head = cast("nn.Linear", classifier.head)
+    return (classifier, head.weight.detach().numpy().astype(np.float64),
+            head.bias.detach().numpy().astype(np.float64))
 
 
-def restandardise(model: nn.Module, head_inputs: np.ndarray) -> Restandardised:
-    """Re-score a lab's cells from the head inputs the run computed with its own statistics.
+def head_moments(model: nn.Module, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lab_moments` of a lab's pooled features, its classes estimated by the run's own linear head."""
+    _, weight, bias = _linear_head(model)
+    return lab_moments(pooled, weight, bias)
+
+
+def restandardise(model: nn.Module, head_inputs: np.ndarray) -> np.ndarray:
+    """A lab's cells re-scored on the lab's own statistics: (N, K) logits.
 
     Args:
         model: the frozen classifier (``feature_mean``, ``feature_std``, a linear ``head``).
         head_inputs: (N, D) its final layer's inputs for the lab's cells, as inference gives them.
     """
-    classifier = cast("FrozenClassifier", model)
-    head = cast("nn.Linear", classifier.head)
+    classifier, weight, bias = _linear_head(model)
     run_mean = classifier.feature_mean.detach().numpy().astype(np.float64)
     run_std = classifier.feature_std.detach().numpy().astype(np.float64)
     pooled = np.asarray(head_inputs, dtype=np.float64) * run_std + run_mean  # the standardisation is undone exactly
-    weight = head.weight.detach().numpy().astype(np.float64)
-    bias = head.bias.detach().numpy().astype(np.float64)
     mean, std = lab_moments(pooled, weight, bias)
-    features = (pooled - mean) / std
-    return Restandardised(features @ weight.T + bias, features.astype(np.float32), mean, std)
+    logits: np.ndarray = ((pooled - mean) / std) @ weight.T + bias
+    return logits

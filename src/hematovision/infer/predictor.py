@@ -224,6 +224,14 @@ class Predictor:
         """
         needs_features = self.policy is not None and self.policy.has_ood
         logits, features = self._forward(images, batch_size, prepared, keep_features=needs_features)
+        return self.review(logits, features)
+
+    def review(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities and review flags from logits and, for the OOD check, the final layer's inputs.
+
+        Without ``features`` only the confidence rule applies (``evaluate`` re-scoring a lab on its
+        own statistics: the OOD model was fitted on the run's).
+        """
         probabilities = softmax(logits, self.temperature)
         check_finite(probabilities)
         if self.policy is None:
