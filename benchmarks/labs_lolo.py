@@ -34,6 +34,10 @@ RECIPES: dict[str, dict] = {
     # Each training lab standardised on its own class-balanced feature statistics; `evaluate` then
     # standardises the held-out lab on its own cells (the recommended recipe since 2026-12-04).
     "scale_stain_lab": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True},
+    # The morphology expert (cell measurements: nucleus share, lobes, hues, graininess) fused with the
+    # network; measured on the prepared pixels, so without Reinhard, which distorts what it measures.
+    "scale_lab_morph": {"cell_scale": 0.38, "lab_standardise": True, "morphology": True},
+    "scale_stain_lab_morph": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True, "morphology": True},
     "scale_augment": {"cell_scale": 0.38, "augment_copies": 2},
     # Fine-tuned end to end at 128 px with stain/optics/zoom augmentation: what the hidden labs
     # rewarded most for a PBC-only model (issue 12), here on every other lab.
@@ -120,6 +124,7 @@ def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: in
     recalls = [metrics["per_class"][name]["recall"] for name in full if name in metrics["per_class"]]
     result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed, "adapt": adapt,
               "chosen": adaptation["choice"]["chosen"],
+              "morphology": adaptation.get("morphology"),  # the lab's own expert, kept or not (out-of-fold)
               "rest": {key: metrics[key] for key in METRICS}, "review": metrics.get("review"),
               "lab_shift": metrics.get("lab_shift"),  # the adapted run on the rest of its own lab
               "classes_with_k_cells": full,

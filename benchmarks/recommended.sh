@@ -3,9 +3,11 @@
 #   bash benchmarks/recommended.sh OUT_DIR
 # Frozen EfficientNet-Lite0 features on every labelled lab here (PBC, BCCD crops, Zheng dataset 1),
 # the five white-cell classes, scale normalisation (each white cell resampled to 0.38 of the input,
-# PBC's own median), Reinhard stain normalisation to the training labs, and per-lab standardisation
+# PBC's own median), Reinhard stain normalisation to the training labs, per-lab standardisation
 # (each lab's features standardised on its own class-balanced statistics; `evaluate` standardises a
-# new lab's folder on its own cells when the lab-shift score warns). Then, for a new lab:
+# new lab's folder on its own cells when the lab-shift score warns) and the morphology expert (each
+# cell's measured nucleus share, lobes, hues and graininess: a small head fused with the network's
+# on another lab's cells). Then, for a new lab:
 #   hematovision evaluate OUT_DIR --data LAB                       # zero-shot
 #   hematovision adapt OUT_DIR --data K_CELLS --out ADAPTED        # k labelled cells per class
 #   hematovision evaluate ADAPTED --data REST_OF_LAB
@@ -22,7 +24,7 @@ export OMP_WAIT_POLICY=PASSIVE
 start=$(date +%s)
 .venv/bin/hematovision train --data "$data/pbc_dev" --data "$data/bccd_wbc_crops" --data "$data/wbc_seg_zheng/dataset1" \
     --classes basophil,eosinophil,lymphocyte,monocyte,neutrophil --mode frozen --cell-scale 0.38 --stain-norm reinhard \
-    --lab-standardise --seed 0 --out "$out"
+    --lab-standardise --morphology --seed 0 --out "$out"
 # The review policy (confidence and out-of-distribution thresholds, calibrated on the validation
 # split): `evaluate` reports what it flags, and `adapt` recalibrates it on a new lab's cells.
 .venv/bin/hematovision export "$out" --format none

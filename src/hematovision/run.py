@@ -118,6 +118,8 @@ class ModelCard:
             head, temperature, review policy), on which cells of which lab, and the source run.
         shift: the lab-shift score's reference (training-feature statistics) and its calibrated
             warning threshold (see :mod:`hematovision.infer.shift`).
+        morphology: the morphology expert fused with the network's logits (``train --morphology``;
+            see :mod:`hematovision.infer.morphology`).
         hematovision_version, created, torch, platform, train_seconds: provenance.
         format: the card format version.
     """
@@ -138,6 +140,7 @@ class ModelCard:
     split_file: str = SPLIT_FILE
     adaptation: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
+    morphology: dict[str, Any] | None = None
     hematovision_version: str = ""
     created: str = ""
     torch: str = ""
@@ -216,6 +219,15 @@ class ModelCard:
         for name in ("finetune", "adaptation", "shift"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise bad(f"{name} must be a JSON object or absent")
+        if self.morphology is not None:
+            from hematovision.infer.morphology import MorphologyExpert
+
+            if not isinstance(self.morphology, dict):
+                raise bad("morphology must be a JSON object or absent")
+            try:
+                MorphologyExpert.from_dict(self.morphology, len(names))
+            except ValueError as error:
+                raise bad(f"morphology: {error}") from None
         if not all(isinstance(entry, dict) for entry in self.files.values()):
             raise bad('files must map file names to {"sha256": ...}')
         if not isinstance(self.pretrained, bool):

@@ -31,9 +31,12 @@ import hematovision
 from hematovision.adapt import normalise as norm
 from hematovision.adapt.cells import LabCells, read_labelled, read_unlabelled
 from hematovision.adapt.head import HeadChoice, choose_head, summarise, threshold_and_temperature
+from hematovision.adapt.morphology import lab_expert
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer import lab_standardise as per_lab
+from hematovision.infer.lab_standardise import lab_moments
+from hematovision.infer.morphology import expert_of, features_of
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
 from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
@@ -97,7 +100,11 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
                        "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs,
                                     "finetune": finetune},
                        "seconds": round(time.perf_counter() - started, 1)})
-    new_card = replace(card, **result.get("card", {}), temperature=temperature, metrics=result.get("metrics", {}),
+    changes = result.get("card", {})
+    if card.morphology is not None and "morphology" not in changes:  # not re-fitted for the lab: left out
+        changes = {**changes, "morphology": None}
+        adaptation.setdefault("morphology", "the source run's morphology expert is not used by the adapted run")
+    new_card = replace(card, **changes, temperature=temperature, metrics=result.get("metrics", {}),
                        adaptation=adaptation,
                        files={}, hematovision_version=hematovision.__version__,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
@@ -173,7 +180,17 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
             "target_accuracy": source_policy.info.get("target_accuracy"),
             "fitted_on": {"thresholds": "the source run's validation split (no labels to recalibrate on this lab)"},
             "ood": "no OOD check: the source's OOD model was fitted on features this adaptation re-normalised"})
-    return {"model": model, "adaptation": adaptation, "temperature": card.temperature, "policy": policy}
+    result = {"model": model, "adaptation": adaptation, "temperature": card.temperature, "policy": policy}
+    expert = expert_of(card.morphology, len(card.class_names))
+    if expert is not None and frozen:  # the cell measurements get the lab's statistics too
+        measured = expert.filled(features_of(cells.images))
+        moments = (lab_moments(measured, expert.weight, expert.bias) if expert.standardisation == "per_lab"
+                   else (measured.mean(axis=0), np.where(measured.std(axis=0) < 1e-6, 1.0, measured.std(axis=0))))
+        lab_expert = replace(expert, mean=moments[0], std=moments[1], lab=folder.name)
+        result["card"] = {"morphology": {**(card.morphology or {}), **lab_expert.to_dict()}}
+        adapted.append("morphology expert's standardisation re-estimated on the lab's cells; it is now fused "
+                       "into every prediction")
+    return result
 
 
 def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
@@ -214,7 +231,7 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
     if finetune:
         tuned = _fine_tune_if_it_pays(card, model, cells.images, labels, cells.missing_classes, choice, seed)
         if tuned is not None:
-            return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned)
+            return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned, seed=seed)
 
     adapted = []
     if choice.norm == "lab":
@@ -251,7 +268,7 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         # the lab's other cells on their own statistics again.
         changes["frozen"] = replace(card.frozen, standardisation="training")
     return _few_shot_result(card, cells, folder, source_policy, logits0, features0, model, adapted, choice_record,
-                            choice.oof_logits, choice.features, missing, changes)
+                            choice.oof_logits, choice.features, missing, changes, seed=seed)
 
 
 def _lab_reference(features: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any] | None:
@@ -275,10 +292,18 @@ def _lab_reference(features: np.ndarray, labels: np.ndarray, seed: int) -> dict[
 def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_policy: ReviewPolicy | None,
                      logits0: np.ndarray, features0: np.ndarray, model: torch.nn.Module, adapted: list[str],
                      choice_record: dict[str, Any], oof_logits: np.ndarray, features: np.ndarray, missing: str,
-                     card_changes: dict[str, Any]) -> dict[str, Any]:
-    """Temperature, review threshold, before/after numbers and the card's record of a few-shot adaptation."""
+                     card_changes: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Temperature, review threshold, before/after numbers and the card's record of a few-shot adaptation.
+
+    A run with a morphology expert gets the lab's own one when it pays out-of-fold
+    (:func:`hematovision.adapt.morphology.lab_expert`); the calibration is then on the fused logits.
+    """
     names, labels = card.class_names, cells.labels
     assert labels is not None
+    oof_logits, morphology, morphology_record = lab_expert(card, cells.images, labels, oof_logits, folder.name, seed)
+    if morphology_record is not None:
+        card_changes = {**card_changes, "morphology": morphology}
+        adapted = adapted + ([morphology_record] if morphology is not None else [])
     target = float((source_policy.info.get("target_accuracy") if source_policy else None) or TARGET_ACCURACY)
     temperature, threshold, policy_info = threshold_and_temperature(oof_logits, labels, target)
     adapted = adapted + ["temperature recalibrated on the lab's cells (out-of-fold)",
@@ -301,6 +326,8 @@ def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_poli
                               f"predictions ({folds}; the configuration was chosen on the same folds)",
                   "temperature": {"source": card.temperature, "lab": round(temperature, 4)},
                   "review_threshold": {"confidence": threshold, **policy_info}}
+    if morphology_record is not None:
+        adaptation["morphology"] = morphology_record
     metrics = {"split": f"the lab's labelled cells, out-of-fold ({folds})",
                **{k: after[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")}}
     policy = ReviewPolicy(threshold, None, calibrated=True, info={

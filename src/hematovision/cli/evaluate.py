@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                "less memory)")
     evaluate.add_argument("--no-lab-standardise", action="store_true",
                           help="a run trained with --lab-standardise: keep its own feature statistics even when "
-                               "the folder is another lab's (default: standardise such a folder on its own cells)")
+                               "the folder is another lab's (default: standardise such a folder on its own cells, "
+                               "and add the run's morphology expert if it has one)")
     return evaluate
 
 

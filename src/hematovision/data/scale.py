@@ -186,13 +186,32 @@ def _border_colour(image: np.ndarray) -> np.ndarray:
     return np.asarray(np.median(border, axis=0).round().astype(image.dtype))
 
 
-def _find_cell_small(rgb: np.ndarray) -> tuple[float, tuple[float, float], float] | None:
-    """The steps of the module docstring on the working copy: (diameter, centre, nucleus diameter)."""
+@dataclass(frozen=True)
+class CellMasks:
+    """The white cell found in an image, as masks over that image's pixels.
+
+    Attributes:
+        nucleus: (H, W) bool, all its lobes.
+        cell: (H, W) bool, nucleus and cytoplasm, holes filled.
+        density: (H, W, 3) float32 absorbance per channel against the image's own background.
+    """
+
+    nucleus: np.ndarray
+    cell: np.ndarray
+    density: np.ndarray
+
+
+def cell_masks(rgb: np.ndarray) -> CellMasks | None:
+    """Steps 1-3 of the module docstring on an RGB uint8 image (used as it is: shrink it first).
+
+    ``None`` when nothing in the image is cell-like.
+    """
     pixels = rgb.astype(np.float32) + 1.0
     brightness = pixels.sum(axis=2)
     bright = brightness >= np.percentile(brightness, 80)
     white = np.median(pixels[bright], axis=0)
-    total = np.log(white / pixels).clip(min=0.0).sum(axis=2)  # absorbance against the image's own background
+    density = np.log(white / pixels).clip(min=0.0)  # absorbance against the image's own background
+    total = density.sum(axis=2)
     seed = _nucleus_seed(total)
     if seed is None:
         return None
@@ -215,11 +234,19 @@ def _find_cell_small(rgb: np.ndarray) -> tuple[float, tuple[float, float], float
     regions, _ = ndi.label(cellish)
     keep = np.unique(regions[nucleus])
     cell = _fill_holes(np.isin(regions, keep[keep > 0]))
+    return CellMasks(nucleus, cell, density)
+
+
+def _find_cell_small(rgb: np.ndarray) -> tuple[float, tuple[float, float], float] | None:
+    """The steps of the module docstring on the working copy: (diameter, centre, nucleus diameter)."""
+    masks = cell_masks(rgb)
+    if masks is None:
+        return None
     # Edge pixels are half cell, half background and go either way: ~1.5 working pixels of
     # diameter are lost on average (measured on Zheng's and BCCD's masks).
-    diameter = float(2.0 * np.sqrt(cell.sum() / np.pi) + 1.5)
-    row, col = ndi.center_of_mass(cell)
-    return diameter, (float(row), float(col)), float(2.0 * np.sqrt(nucleus.sum() / np.pi))
+    diameter = float(2.0 * np.sqrt(masks.cell.sum() / np.pi) + 1.5)
+    row, col = ndi.center_of_mass(masks.cell)
+    return diameter, (float(row), float(col)), float(2.0 * np.sqrt(masks.nucleus.sum() / np.pi))
 
 
 def _nucleus_seed(total: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int], int] | None:

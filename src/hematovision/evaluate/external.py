@@ -150,14 +150,19 @@ def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: 
                if n >= per_lab.MIN_IMAGES else f"only {n} image(s): at least {per_lab.MIN_IMAGES} are needed")
         return probabilities, flagged, {"applied": False, "description": f"not applied ({why})"}
     logits = per_lab.restandardise(predictor.model, predictor.shift.features())
+    expert = predictor.morphology
+    if expert is not None:  # the cell measurements too, on the lab's own statistics when it was trained per lab
+        measured = predictor.kept_morphology()
+        logits = expert.fuse(logits, measured, expert.lab_logits(measured) if expert.standardisation == "per_lab" else None)
     restandardised, new_flags = predictor.review(logits, None)  # no OOD check: fitted on the run's statistics
     before = probabilities.argmax(axis=1)
-    record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS,
+    record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS, "morphology": expert is not None,
               "before": {"accuracy": float((before == labels).mean()),
                          "balanced_accuracy": float(balanced_accuracy_score(labels, before)),
                          "predictions_changed": float((restandardised.argmax(axis=1) != before).mean())}}
     record["description"] = (f"applied: the {n} images were standardised on their own class-balanced feature "
-                             f"statistics (a per-lab run on another lab); with the run's statistics the accuracy was "
+                             f"statistics (a per-lab run on another lab{', with its morphology expert' if expert else ''}); "
+                         f"with the run's statistics the accuracy was "
                              f"{record['before']['accuracy']:.4f}, balanced {record['before']['balanced_accuracy']:.4f}")
     log.info("lab standardisation %s", record["description"])
     return restandardised, new_flags, record

@@ -20,6 +20,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend
 from hematovision.infer.exported import Forward, onnx_forward, onnx_session
+from hematovision.infer.morphology import MorphologyExpert, expert_of, features_of
 from hematovision.infer.policy import ReviewPolicy, current_policy
 from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_model, read_run
@@ -58,6 +59,10 @@ class Predictor:
         policy: the run's review policy, when fitted for these weights and views.
         backend: the runtime that scores the images (``torch``, ``onnx``, ``int8``, ``openvino``);
             ``precision`` the arithmetic it really uses.
+        morphology: the run's morphology expert (``train --morphology``); ``None`` for other runs.
+            Fused into every logit this predictor gives, whatever the backend, once it holds a lab's
+            own statistics (``adapt --unlabelled``); before that only ``evaluate``'s re-scoring of
+            another lab uses it (with the measurements kept here, :meth:`kept_morphology`).
     """
 
     def __init__(self, model: nn.Module | None, card: ModelCard, views: int | None = None,
@@ -71,6 +76,8 @@ class Predictor:
         self._model = _for_inference(model) if model is not None else None
         reference = ShiftReference.from_card(card.shift)
         self.shift = ShiftMonitor(reference) if reference is not None else None
+        self.morphology: MorphologyExpert | None = expert_of(card.morphology, len(self.class_names))
+        self._kept_morphology: list[np.ndarray] = []  # with the shift's kept features: evaluate re-scores them
         # PyTorch only: the final layer's input comes from the same pass as the logits (a forward hook).
         self._with_features: LogitsAndFeatures | None = None
         # The review policy of `hematovision export` (or `adapt`), when fitted for these weights.
@@ -167,6 +174,13 @@ class Predictor:
         for i in range(0, len(images), batch_size):
             pixels = self._pixels(images[i : i + batch_size], prepared)
             logits, features = self._score(pixels, with_features=keep_features or self.shift is not None)
+            keep_measured = self.morphology is not None and self.shift is not None and self.shift.keep_features
+            if self.morphology is not None and (self.morphology.lab is not None or keep_measured):
+                measured = features_of(pixels)
+                if self.morphology.lab is not None:
+                    logits = self.morphology.fuse(logits, measured)
+                if keep_measured:
+                    self._kept_morphology.append(measured)
             if features is not None and self.shift is not None:
                 self.shift.update(features)
             if features is not None and keep_features:
@@ -204,6 +218,11 @@ class Predictor:
         """Start a new batch for :meth:`lab_shift` (e.g. per sample or per request)."""
         if self.shift is not None:
             self.shift.reset()
+        self._kept_morphology = []
+
+    def kept_morphology(self) -> np.ndarray:
+        """(N, F) the cell measurements of the images predicted while the shift kept its features."""
+        return np.concatenate(self._kept_morphology) if self._kept_morphology else np.zeros((0, 0))
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
         """Calibrated class probabilities, (N, K); ``prepared`` as in :meth:`preprocess`.

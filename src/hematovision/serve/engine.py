@@ -23,6 +23,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend, load_backend
 from hematovision.infer.exported import BATCH_SIZE, Forward
+from hematovision.infer.morphology import features_of, fused_expert
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
@@ -109,6 +110,7 @@ class Engine:
         self.model = predictor.model.eval()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.shift = ShiftReference.from_card(self.card.get("shift"))
+        self.morphology = fused_expert(self.card.get("morphology"), len(self.class_names))
         self._shift_warned = False
         self._torch_lock = threading.Lock()
         self._wrapped = LogitsAndFeatures(self.model, self.views)
@@ -188,7 +190,10 @@ class Engine:
 
     def run_batch(self, images: list[np.ndarray]) -> list[ImagePrediction]:
         """Predict prepared images (each (S, S, 3) uint8) in one pass; the micro-batcher's ``process``."""
-        logits, features = self.forward(np.stack(images))
+        batch = np.stack(images)
+        logits, features = self.forward(batch)
+        if self.morphology is not None:  # a lab's morphology expert (train --morphology, then adapt --unlabelled)
+            logits = self.morphology.fuse(logits, features_of(batch))
         probabilities = softmax(logits, self.temperature)
         try:
             check_finite(probabilities)

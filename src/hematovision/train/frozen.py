@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from hematovision.infer.lab_standardise import class_balanced_moments
+from hematovision.infer.morphology import MorphologyExpert
 from hematovision.models.frozen import FrozenClassifier
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,61 @@ def _per_lab_standardised(train: np.ndarray, labels: np.ndarray, val: np.ndarray
     return average, standardise(train, train_labs), standardise(val, val_labs)
 
 
+def fit_morphology(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray,
+                   num_classes: int, sources: tuple[np.ndarray, np.ndarray] | None = None,
+                   c_grid: Sequence[float] = (0.1, 1.0, 10.0)) -> tuple[MorphologyExpert, dict]:
+    """The morphology expert of ``train --morphology`` (:mod:`hematovision.infer.morphology`).
+
+    Args:
+        train, val: (N, F) and (M, F) cell measurements (NaN rows: no cell found, filled with the
+            training mean).
+        sources: per-lab standardisation, as for :func:`fit_head`.
+
+    Returns:
+        The expert and a summary (C chosen on validation balanced accuracy, cells without a measurement).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    fill = np.nanmean(train, axis=0)
+    fill = np.where(np.isnan(fill), 0.0, fill)
+    train_f, val_f = (np.where(np.isnan(x), fill, x) for x in (train, val))
+    if sources is None:
+        mean, std = train_f.mean(axis=0), train_f.std(axis=0)
+        std = np.where(std < 1e-6, 1.0, std)
+        train_z, val_z = (train_f - mean) / std, (val_f - mean) / std
+    else:
+        (mean, std), train_z, val_z = _per_lab_standardised(train_f, train_labels, val_f, num_classes, *sources)
+    best = None
+    for c in c_grid:
+        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(train_z, train_labels)
+        score = _balanced_accuracy(val_labels, model.predict(val_z))
+        if best is None or score > best[0]:
+            best = (score, c, model)
+    score, c, model = best
+    weight, bias = _class_rows(model, num_classes)
+    expert = MorphologyExpert(np.asarray(mean, np.float64), np.asarray(std, np.float64), weight, bias,
+                              standardisation="training" if sources is None else "per_lab")
+    summary = {"C": c, "val_balanced_accuracy": score,
+               "not_measured": {"train": int(np.isnan(train).any(axis=1).sum()), "val": int(np.isnan(val).any(axis=1).sum())}}
+    log.debug("morphology expert fitted: %s", summary)
+    return expert, summary
+
+
+def _class_rows(model: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted scikit-learn logistic regression as (K, D) weights and (K,) biases, one row per class.
+
+    Two classes give a single row (class 1 against class 0): it becomes two rows of half that
+    logit each, which softmax turns into the same probabilities (copying the one row into both left
+    every class the same logit: a constant head). A class absent from the training labels gets no say.
+    """
+    coef, intercept = np.asarray(model.coef_, np.float64), np.asarray(model.intercept_, np.float64)
+    if coef.shape[0] == 1 and len(model.classes_) == 2:
+        coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    weight, bias = np.zeros((num_classes, coef.shape[1])), np.full(num_classes, -30.0)
+    weight[model.classes_], bias[model.classes_] = coef, intercept
+    return weight, bias
+
+
 def _balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
@@ -164,9 +221,10 @@ def _fit_logreg(linear: nn.Module, x: np.ndarray, y: np.ndarray, val_x: np.ndarr
         if best is None or score > best[0]:
             best = (score, c, model)
     score, c, model = best
+    weight, bias = _class_rows(model, linear.weight.shape[0])
     with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(model.coef_, dtype=torch.float32))
-        linear.bias.copy_(torch.as_tensor(model.intercept_, dtype=torch.float32))
+        linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     return {"head": "logreg", "C": c, "val_balanced_accuracy": score}
 
 

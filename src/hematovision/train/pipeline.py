@@ -87,6 +87,9 @@ class TrainConfig:
         lab_standardise: frozen mode, logistic head: standardise each source's features with its own
             class-balanced statistics before the head (``train.frozen.fit_head``); ``evaluate`` then
             standardises another lab's folder on its own cells. Recorded as ``frozen.standardisation``.
+        morphology: with ``lab_standardise``: fit the morphology expert (:mod:`hematovision.infer.morphology`)
+            on the cells' measured shape and colour ratios, per lab; it is fused with the network's
+            logits on another lab's cells. Recorded as the card's ``morphology``.
     """
 
     out: Path
@@ -110,6 +113,7 @@ class TrainConfig:
     augment_strength: float = 1.0
     cell_scale: float | None = None
     lab_standardise: bool = False
+    morphology: bool = False
 
     def data_dirs(self) -> list[Path]:
         """The ``data`` folders as a list (empty when the splits are given with ``train_dir``)."""
@@ -238,6 +242,9 @@ def run_training(config: TrainConfig) -> dict:
         raise DatasetError("--augment-copies is for frozen mode; fine-tuning augments every epoch (--strong-augment)")
     if config.augment_copies < 0 or config.augment_strength < 0:
         raise DatasetError("--augment-copies and --augment-strength must be 0 or more")
+    if config.morphology and not config.lab_standardise:
+        raise DatasetError("--morphology goes with --lab-standardise: the expert joins when another lab's cells are "
+                           "scored on their own statistics")
     if config.lab_standardise and (config.mode != "frozen" or config.head != "logreg"):
         raise DatasetError("--lab-standardise is for frozen mode with the logreg head (a fine-tuned network "
                            "re-estimates its batch-norm statistics instead: adapt --unlabelled)")
@@ -338,6 +345,8 @@ def run_training(config: TrainConfig) -> dict:
         logits = {part: predict_logits(model, loaded.images, prep, views=config.tta)
                   for part, loaded in parts.items() if len(loaded.samples)}
 
+    if config.morphology:
+        _fit_morphology(card, parts, y, len(class_names))
     card.shift = _lab_shift_reference(model, prep, config.tta, parts, y,
                                       features if config.mode == "frozen" else None, config.seed)
     temperature = fit_temperature(logits["val"], y["val"])
@@ -366,6 +375,27 @@ def run_training(config: TrainConfig) -> dict:
     write_card(out, card)
     log.info("run folder: %s (test accuracy %.4f, macro-F1 %.4f)", out, metrics["accuracy"], metrics["macro_f1"])
     return metrics
+
+
+def _fit_morphology(card: ModelCard, parts: dict[str, LoadedImages], y: dict[str, np.ndarray], num_classes: int) -> None:
+    """Measure the training and validation cells and fit the morphology expert into ``card.morphology``.
+
+    Each lab is standardised on its own statistics, like the head. The run's temperature and test
+    report are the network's alone: the expert joins on another lab's cells (:mod:`hematovision.infer.morphology`).
+    """
+    from tqdm.auto import tqdm
+
+    from hematovision.infer.morphology import cell_features
+    from hematovision.train.frozen import fit_morphology
+
+    measured = {part: np.stack([cell_features(image) for image in tqdm(loaded.images, desc=f"measuring {part} cells",
+                                                                       unit="img")])
+                for part, loaded in parts.items() if part in ("train", "val")}
+    sources = (np.array([str(s.source) for s in parts["train"].samples]),
+               np.array([str(s.source) for s in parts["val"].samples]))
+    expert, summary = fit_morphology(measured["train"], y["train"], measured["val"], y["val"], num_classes, sources)
+    card.morphology = {**expert.to_dict(), "fit": summary}
+    log.info("morphology expert fitted: %s", summary)
 
 
 def _config_dict(config: TrainConfig) -> dict:
