@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from synthetic import CLASS_STYLES, synthetic_cell
 
@@ -44,3 +45,20 @@ def write_lab(root: Path, per_class: int, size: int = 40, seed: int = 0, other: 
         for i in range(per_class):
             Image.fromarray(draw(label, size, rng)).save(folder / f"{label}_{seed}_{i:03d}.png")
     return root
+
+
+def train_on_one_thread(factory: pytest.TempPathFactory, out: Path, *args: str) -> Path:
+    """``hematovision train --out OUT ARGS`` on one thread, with a fresh feature cache; returns ``out``."""
+    import torch
+
+    from hematovision.cli import main
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HEMATOVISION_HOME", str(factory.mktemp("home")))
+            assert main(["train", "--out", str(out), *args]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    return out

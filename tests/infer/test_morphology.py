@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from two_domains import write_lab
+from two_domains import train_on_one_thread, write_lab
 
 from hematovision.cli import main
 from hematovision.data.transforms import Preprocessing
@@ -90,18 +90,10 @@ def test_a_damaged_morphology_section_is_refused_in_one_line() -> None:
 
 @pytest.fixture(scope="module")
 def morph_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    import torch
-
     root = tmp_path_factory.mktemp("labs")
     labs = {"train": write_lab(root / "train", 24, seed=0), "other": write_lab(root / "other", 12, seed=4, other=True)}
-    out = tmp_path_factory.mktemp("runs") / "morph"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HEMATOVISION_HOME", str(tmp_path_factory.mktemp("home")))
-        assert main(["train", "--data", str(labs["train"]), "--out", str(out), "--mode", "frozen",
-                     "--image-size", "48", "--lab-standardise", "--morphology"]) == 0
-    torch.set_num_threads(previous)
+    out = train_on_one_thread(tmp_path_factory, tmp_path_factory.mktemp("runs") / "morph", "--data", str(labs["train"]),
+                              "--mode", "frozen", "--image-size", "48", "--lab-standardise", "--morphology")
     return out, labs
 
 

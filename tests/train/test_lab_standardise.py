@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from two_domains import write_lab
+from two_domains import train_on_one_thread, write_lab
 
 from hematovision.cli import main
 from hematovision.infer.lab_standardise import class_balanced_moments, lab_moments
@@ -72,17 +72,8 @@ def labs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def per_lab_run(labs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    out = tmp_path_factory.mktemp("runs") / "per_lab"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HEMATOVISION_HOME", str(tmp_path_factory.mktemp("home")))
-        assert main(["train", "--data", str(labs["train"]), "--out", str(out), "--mode", "frozen",
-                     "--image-size", "48", "--lab-standardise"]) == 0
-    torch.set_num_threads(previous)
-    return out
+    return train_on_one_thread(tmp_path_factory, tmp_path_factory.mktemp("runs") / "per_lab", "--data", str(labs["train"]),
+                               "--mode", "frozen", "--image-size", "48", "--lab-standardise")
 
 
 def _evaluate(run: Path, data: Path, out: Path, *extra: str) -> dict:
