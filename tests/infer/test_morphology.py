@@ -100,7 +100,7 @@ def morph_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_train_fits_the_expert_and_another_labs_cells_get_it(morph_run: tuple[Path, dict[str, Path]], tmp_path: Path,
                                                               one_thread: None) -> None:
     from hematovision.data.folder import load_rgb
-    from hematovision.infer.morphology import features_of
+    from hematovision.infer.morphology import measure
     from hematovision.infer.predictor import Predictor
 
     run, labs = morph_run
@@ -129,9 +129,10 @@ def test_train_fits_the_expert_and_another_labs_cells_get_it(morph_run: tuple[Pa
     expert = lab_predictor.morphology
     assert expert is not None
     fused = lab_predictor.logits(images)
+    # Measured before the stain normalisation (none here): the same numbers as measure() on the file.
+    measured = np.stack([measure(image, lab_predictor.prep) for image in images])
     lab_predictor.morphology = None
-    pixels = np.stack([lab_predictor.prep.prepare(image) for image in images])
-    np.testing.assert_allclose(fused, expert.fuse(lab_predictor.logits(images), features_of(pixels)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused, expert.fuse(lab_predictor.logits(images), measured), rtol=1e-5, atol=1e-5)
     assert not np.allclose(fused, network)
 
 
@@ -159,7 +160,7 @@ def test_few_shot_adapt_fits_the_labs_own_expert_only_when_it_pays(morph_run: tu
         assert record in card["adaptation"]["adapted"]
 
 
-def test_the_choice_is_out_of_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_choice_is_out_of_fold() -> None:
     """An expert that cannot beat the network out-of-fold is left out; one that can is kept."""
     from hematovision.adapt import morphology as adapt_morphology
 
@@ -171,11 +172,25 @@ def test_the_choice_is_out_of_fold(monkeypatch: pytest.MonkeyPatch) -> None:
     labels = np.repeat([0, 1], 20)
     measured = rng.normal(0, 1, (40, f))
     measured[:, 0] += 3 * labels  # one measurement tells the classes apart
-    monkeypatch.setattr(adapt_morphology, "features_of", lambda images: measured)
-    images = np.zeros((40, 8, 8, 3), np.uint8)
     perfect = np.stack([1 - labels, labels], axis=1) * 4.0
-    _, section, record = adapt_morphology.lab_expert(card, images, labels, perfect, "lab", seed=0)
+    _, section, record = adapt_morphology.lab_expert(card, measured, labels, perfect, "lab", seed=0)
     assert section is None and record is not None and record.startswith("no morphology expert")
     coin = rng.normal(0, 1, (40, 2))  # a network that guesses
-    fused, section, record = adapt_morphology.lab_expert(card, images, labels, coin, "lab", seed=0)
+    fused, section, record = adapt_morphology.lab_expert(card, measured, labels, coin, "lab", seed=0)
     assert section is not None and section["lab"] == "lab" and (fused.argmax(1) == labels).mean() >= 0.75
+
+
+def test_cells_are_measured_before_stain_normalisation() -> None:
+    """Reinhard's mapping moves what the finder and the hues see: the expert measures the lab's own colours."""
+    from hematovision.data.stain import fit_stain_reference
+    from hematovision.infer.morphology import measure, prepare_measured
+
+    image = _cell(20, lobes=3, gain=(0.9, 0.85, 0.6))
+    reference = fit_stain_reference([_cell(14, cytoplasm=(150, 190, 230), nucleus=(40, 120, 60), seed=s)
+                                     for s in range(3)], "reinhard")
+    prep = Preprocessing(64, cell_scale=0.38, stain=reference)
+    prepared = prepare_measured(image, prep)
+    np.testing.assert_array_equal(prepared.pixels, prep.prepare(image))
+    unstained = Preprocessing(64, cell_scale=0.38)
+    np.testing.assert_allclose(prepared.measured, measure(image, unstained), equal_nan=True)
+    assert not np.allclose(prepared.measured, cell_features(prepared.pixels), equal_nan=True)

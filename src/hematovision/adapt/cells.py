@@ -63,6 +63,10 @@ class LabCells:
         if self.labels is not None:
             self.labels = self.labels[keep]
 
+    def paths(self) -> list[Path]:
+        """The files of the usable cells, in order."""
+        return [Path(name) if Path(name).is_absolute() else self.folder / name for name in self.files]
+
     def record(self, class_names: Sequence[str]) -> dict:
         """What the card says about these cells: folder, counts, excluded files, files and their sha256."""
         reasons = Counter(reason.split(":")[0] for _, reason in self.excluded)

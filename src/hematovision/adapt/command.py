@@ -36,7 +36,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer import lab_standardise as per_lab
 from hematovision.infer.lab_standardise import lab_moments
-from hematovision.infer.morphology import expert_of, features_of
+from hematovision.infer.morphology import expert_of, measure_files
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
 from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
@@ -183,7 +183,7 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
     result = {"model": model, "adaptation": adaptation, "temperature": card.temperature, "policy": policy}
     expert = expert_of(card.morphology, len(card.class_names))
     if expert is not None and frozen:  # the cell measurements get the lab's statistics too
-        measured = expert.filled(features_of(cells.images))
+        measured = expert.filled(measure_files(cells.paths(), prep, desc="measuring the lab's cells"))
         moments = (lab_moments(measured, expert.weight, expert.bias) if expert.standardisation == "per_lab"
                    else (measured.mean(axis=0), np.where(measured.std(axis=0) < 1e-6, 1.0, measured.std(axis=0))))
         lab_expert = replace(expert, mean=moments[0], std=moments[1], lab=folder.name)
@@ -300,8 +300,10 @@ def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_poli
     """
     names, labels = card.class_names, cells.labels
     assert labels is not None
-    oof_logits, morphology, morphology_record = lab_expert(card, cells.images, labels, oof_logits, folder.name, seed)
-    if morphology_record is not None:
+    morphology_record = None
+    if card.morphology is not None:
+        measured = measure_files(cells.paths(), card.preprocessing, desc="measuring the lab's cells")
+        oof_logits, morphology, morphology_record = lab_expert(card, measured, labels, oof_logits, folder.name, seed)
         card_changes = {**card_changes, "morphology": morphology}
         adapted = adapted + ([morphology_record] if morphology is not None else [])
     target = float((source_policy.info.get("target_accuracy") if source_policy else None) or TARGET_ACCURACY)

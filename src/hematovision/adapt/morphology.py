@@ -17,19 +17,20 @@ from typing import Any
 import numpy as np
 
 from hematovision.adapt.head import fold_indices
-from hematovision.infer.morphology import MorphologyExpert, expert_of, features_of
+from hematovision.infer.morphology import MorphologyExpert, expert_of
 from hematovision.run import ModelCard
 from hematovision.train.frozen import fit_morphology
 
 C = 1.0  # the logistic head's regularisation on ~100 cells (the probe's; not chosen on the lab's cells)
 
 
-def lab_expert(card: ModelCard, images: np.ndarray, labels: np.ndarray, oof_logits: np.ndarray, lab: str,
+def lab_expert(card: ModelCard, measured: np.ndarray, labels: np.ndarray, oof_logits: np.ndarray, lab: str,
                seed: int) -> tuple[np.ndarray, dict[str, Any] | None, str | None]:
     """The lab's own morphology expert, if it pays out-of-fold.
 
     Args:
-        images: the lab's labelled cells, prepared.
+        measured: (N, F) the lab's labelled cells' measurements
+            (:func:`~hematovision.infer.morphology.measure_files`).
         labels: their class indices.
         oof_logits: the adapted network's out-of-fold logits on the same cells.
         lab: the lab's name, recorded in the expert.
@@ -44,7 +45,6 @@ def lab_expert(card: ModelCard, images: np.ndarray, labels: np.ndarray, oof_logi
     source = expert_of(card.morphology, len(card.class_names))
     if source is None:
         return oof_logits, None, None
-    measured = features_of(images)
     num_classes = len(card.class_names)
     folds, how = fold_indices(labels, seed)
     oof_expert = np.zeros(oof_logits.shape, np.float64)

@@ -59,17 +59,30 @@ class Preprocessing:
         """A decoded RGB uint8 image (H, W, 3) → the model's input pixels (S, S, 3) uint8.
 
         The one path from a file's pixels to what the network sees, at training and at
-        inference alike: scale normalisation, stain normalisation, then the resize.
+        inference alike: scale normalisation (:meth:`rescale`), stain normalisation, then the
+        resize (:meth:`finish`).
         """
-        if self.cell_scale is not None:
-            from hematovision.data.scale import rescale_to_cell
+        return self.finish(self.rescale(image))
 
-            image = rescale_to_cell(image, self.cell_scale)
+    def rescale(self, image: np.ndarray) -> np.ndarray:
+        """The scale normalisation step alone (the image as it is without ``cell_scale``), at full resolution.
+
+        Its colours are the lab's own: the morphology expert measures the cell here, before stain
+        normalisation moves them (:func:`hematovision.infer.morphology.prepare_measured`).
+        """
+        if self.cell_scale is None:
+            return image
+        from hematovision.data.scale import rescale_to_cell
+
+        return rescale_to_cell(image, self.cell_scale)
+
+    def finish(self, scaled: np.ndarray) -> np.ndarray:
+        """Stain normalisation and the resize, on the output of :meth:`rescale`."""
         if self.stain is not None:
             from hematovision.data.stain import normalize_stain
 
-            image = normalize_stain(image, self.stain)
-        return resize(image, self.image_size)
+            scaled = normalize_stain(scaled, self.stain)
+        return resize(scaled, self.image_size)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

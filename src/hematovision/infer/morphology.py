@@ -14,25 +14,30 @@ head. It joins when a lab's cells are scored on that lab's own statistics: ``eva
 another lab's folder, and every prediction of a run that ``adapt --unlabelled`` fitted to a lab
 (:attr:`MorphologyExpert.lab`). Its log-probabilities are then added to the network's (a product of
 experts, weight :data:`DEFAULT_WEIGHT`): ``(1 - w) * log_softmax(network) + w * log_softmax(morphology)``.
-On the training labs' own cells the network alone is better (PBC's test split: 0.933 balanced
-accuracy fused, docs/labs.md), so there it is left out.
+On the training labs' own cells the network speaks alone (fused, the recommended model's test split
+gained on PBC and lost on BCCD and Zheng: docs/labs.md). The cells are measured after scale
+normalisation and before stain normalisation (:func:`prepare_measured`): the network sees Reinhard's
+pixels, the expert the lab's own colours.
 
 Numpy, scipy and scikit-image only: inference through an exported backend still needs no torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from hematovision.data.transforms import Preprocessing, resize
 from hematovision.infer.lab_standardise import lab_moments
 
 WORK_SIDE = 112
-"""The prepared image is measured at this side: at ``--cell-scale 0.38`` the cell is ~43 pixels wide."""
+"""The scale-normalised image is measured at this side: at ``--cell-scale 0.38`` the cell is ~43 pixels wide."""
 
 FEATURES = (
     "nucleus_share", "nucleus_pieces", "nucleus_pieces_eroded", "nucleus_solidity", "nucleus_eccentricity",
@@ -46,15 +51,16 @@ FEATURES = (
 
 DEFAULT_WEIGHT = 0.5
 """The expert's share of the fused log-probabilities. Chosen leave-one-lab-out on PBC, BCCD and Zheng
-(0.3, 0.5 and 0.7 tried; docs/labs.md): a weight chosen on a run's own validation split would be ~0,
-since in-lab the network alone is better."""
+(0.3, 0.5 and 0.7 tried; docs/labs.md), not on a run's own validation split: the expert is for other
+labs' cells, and in-lab the network is the better half."""
 
 
 def cell_features(pixels: np.ndarray) -> np.ndarray:
-    """The :data:`FEATURES` of the white cell in one prepared image; NaN when no cell is found.
+    """The :data:`FEATURES` of the white cell in one scale-normalised image; NaN when no cell is found.
 
     Args:
-        pixels: (S, S, 3) uint8, the image as the network sees it (after scale normalisation).
+        pixels: (S, S, 3) uint8, the cell after scale normalisation, in the lab's own colours (see
+            :func:`prepare_measured`); resized to :data:`WORK_SIDE` here when it has another side.
     """
     from hematovision.data.scale import cell_masks
 
@@ -94,9 +100,39 @@ def cell_features(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def features_of(images: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) prepared uint8 images → (N, F) measurements (NaN rows where no cell was found)."""
-    return np.stack([cell_features(image) for image in images]) if len(images) else np.zeros((0, len(FEATURES)))
+class Measured(NamedTuple):
+    """A prepared image with its cell's measurements: what the predictor scores when its expert is in use."""
+
+    pixels: np.ndarray
+    measured: np.ndarray
+
+
+def prepare_measured(image: np.ndarray, prep: Preprocessing) -> Measured:
+    """A decoded image → the network's input pixels and the cell's :data:`FEATURES`.
+
+    The cell is measured after scale normalisation and before stain normalisation
+    (:meth:`~hematovision.data.transforms.Preprocessing.rescale`): the measurements are ratios within
+    the image, and Reinhard's per-channel mapping moves what the cell finder and the hues see (leave
+    one lab out, fused: a mean balanced accuracy of 0.68 measured in the lab's own colours, 0.63 in
+    Reinhard's; docs/labs.md).
+    """
+    scaled = prep.rescale(image)
+    return Measured(prep.finish(scaled), cell_features(resize(scaled, WORK_SIDE)))
+
+
+def measure(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The :data:`FEATURES` of a decoded image's cell, as :func:`prepare_measured` takes them."""
+    return cell_features(resize(prep.rescale(image), WORK_SIDE))
+
+
+def measure_files(paths: Sequence[Path], prep: Preprocessing, desc: str = "measuring cells") -> np.ndarray:
+    """(N, F) measurements of image files (decoded again: prepared pixels have lost the lab's colours)."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
+
+    from hematovision.data.images import load_rgb
+
+    rows = [measure(load_rgb(path), prep) for path in tqdm(paths, desc=desc, unit="img")]
+    return np.stack(rows) if rows else np.zeros((0, len(FEATURES)))
 
 
 def _hue(density: np.ndarray) -> np.ndarray:

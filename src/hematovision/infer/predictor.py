@@ -20,7 +20,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend
 from hematovision.infer.exported import Forward, onnx_forward, onnx_session
-from hematovision.infer.morphology import MorphologyExpert, expert_of, features_of
+from hematovision.infer.morphology import Measured, MorphologyExpert, expert_of, prepare_measured
 from hematovision.infer.policy import ReviewPolicy, current_policy
 from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_model, read_run
@@ -150,15 +150,39 @@ class Predictor:
             prepared: the images already went through ``prep.prepare`` (e.g. loaded with
                 ``load_images(samples, prep)``); scale and stain normalisation are not applied twice.
         """
-        return self._tensor(self._pixels(images, prepared))
+        items = list(images) if prepared else [self.prep.prepare(image) for image in images]
+        return self._tensor(np.stack([item.pixels if isinstance(item, Measured) else item for item in items]))
 
     def logits(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
         """Raw logits, (N, K). With a shift reference, the images' lab-shift scores are collected too."""
         return self._forward(images, batch_size, prepared, keep_features=False)[0]
 
-    def _pixels(self, images: Sequence[np.ndarray], prepared: bool) -> np.ndarray:
-        """(N, S, S, 3) uint8: the images as the model sees them (``prep.prepare`` unless ``prepared``)."""
-        return np.stack(list(images) if prepared else [self.prep.prepare(image) for image in images])
+    @property
+    def measures(self) -> bool:
+        """Whether the cells are measured for the morphology expert: fused (a lab's expert), or kept for
+        ``evaluate``'s re-scoring of another lab (while the shift keeps its features)."""
+        return self.morphology is not None and (
+            self.morphology.lab is not None or (self.shift is not None and self.shift.keep_features))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray | Measured:
+        """A decoded image as :meth:`predict` takes it with ``prepared=True`` (the streaming decoders call this).
+
+        The network's input pixels, or, while :attr:`measures`, those and the cell's measurements
+        taken before stain normalisation (:func:`~hematovision.infer.morphology.prepare_measured`).
+        """
+        return prepare_measured(image, self.prep) if self.measures else self.prep.prepare(image)
+
+    def _pixels(self, images: Sequence[np.ndarray | Measured], prepared: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, S, S, 3) uint8, the images as the model sees them, and (while :attr:`measures`) the cells' (N, F)
+        measurements. ``prepared``: the images came from :meth:`prepare` (else ``prep.prepare`` is applied)."""
+        items = list(images) if prepared else [self.prepare(np.asarray(image)) for image in images]
+        if not self.measures:
+            return np.stack([item.pixels if isinstance(item, Measured) else item for item in items]), None
+        if not all(isinstance(item, Measured) for item in items):
+            raise ValueError("prepared images for a run whose morphology expert is in use must come from "
+                             "Predictor.prepare (the cells are measured before stain normalisation)")
+        measured = [item for item in items if isinstance(item, Measured)]
+        return np.stack([item.pixels for item in measured]), np.stack([item.measured for item in measured])
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
         import torch
@@ -172,14 +196,12 @@ class Predictor:
         """Logits and, when asked, the final layer's inputs (what the OOD score needs)."""
         outputs, kept = [], []
         for i in range(0, len(images), batch_size):
-            pixels = self._pixels(images[i : i + batch_size], prepared)
+            pixels, measured = self._pixels(images[i : i + batch_size], prepared)
             logits, features = self._score(pixels, with_features=keep_features or self.shift is not None)
-            keep_measured = self.morphology is not None and self.shift is not None and self.shift.keep_features
-            if self.morphology is not None and (self.morphology.lab is not None or keep_measured):
-                measured = features_of(pixels)
+            if measured is not None and self.morphology is not None:
                 if self.morphology.lab is not None:
                     logits = self.morphology.fuse(logits, measured)
-                if keep_measured:
+                if self.shift is not None and self.shift.keep_features:
                     self._kept_morphology.append(measured)
             if features is not None and self.shift is not None:
                 self.shift.update(features)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,10 +57,10 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-Decoded = tuple[np.ndarray | None, str | None, str]  # (prepared image, error, sha256)
+Decoded = tuple[Any, str | None, str]  # (prepared image (Predictor.prepare's), error, sha256)
 
 
-def decode_stream(paths: Sequence[Path], prepare: Callable[[np.ndarray], np.ndarray], workers: int = 1,
+def decode_stream(paths: Sequence[Path], prepare: Callable[[np.ndarray], Any], workers: int = 1,
                   lookahead: int = 64, hash_files: bool = False) -> Generator[Decoded, None, None]:
     """Decode and ``prepare`` each file in ``workers`` threads, at most ``lookahead`` files ahead, in order.
 
@@ -116,8 +117,8 @@ def stream_predictions(predictor: Predictor, paths: Sequence[Path], batch_size: 
     batch_size = batch_size or BATCH_SIZE
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
     held: list[StreamResult] = []  # a batch's results, unreadable files included, in order
-    images: list[np.ndarray] = []
-    decoded = decode_stream(paths, predictor.prep.prepare, workers or default_workers(), 2 * batch_size, hash_files)
+    images: list[Any] = []  # Predictor.prepare's: pixels, or pixels and the cell's measurements
+    decoded = decode_stream(paths, predictor.prepare, workers or default_workers(), 2 * batch_size, hash_files)
 
     def flush() -> list[StreamResult]:
         if images:

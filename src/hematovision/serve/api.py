@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from hematovision._io import write_bytes
+from hematovision.infer.morphology import Measured
 from hematovision.serve.audit import AuditEvent, audit_rows, record_audit
 from hematovision.serve.auth import Admin, CurrentUser, Reviewer, authenticate, client_address
 from hematovision.serve.batching import MicroBatcher
@@ -53,7 +54,7 @@ class AppState:
     settings: Settings
     engine: Engine
     db: Database
-    batcher: MicroBatcher[np.ndarray, ImagePrediction]
+    batcher: MicroBatcher[np.ndarray | Measured, ImagePrediction]
 
     @property
     def model_name(self) -> str:
@@ -489,7 +490,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[tuple[s
 
 
 class _Decoded(NamedTuple):
-    model_input: np.ndarray
+    model_input: np.ndarray | Measured  # Engine.prepare's
     size: tuple[int, int]  # width, height
     stored: tuple[bytes, str]  # what is stored, and its format: the decoded pixels re-encoded, never the upload
 

@@ -23,7 +23,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend, load_backend
 from hematovision.infer.exported import BATCH_SIZE, Forward
-from hematovision.infer.morphology import features_of, fused_expert
+from hematovision.infer.morphology import Measured, fused_expert, prepare_measured
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
@@ -172,9 +172,10 @@ class Engine:
                 f"gives {features.shape[1]}-d ones; run `hematovision export RUN` again"
             )
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Resize an RGB uint8 image (H, W, 3) to the model input (S, S, 3); safe on any thread."""
-        return self.prep.prepare(image)
+    def prepare(self, image: np.ndarray) -> np.ndarray | Measured:
+        """An RGB uint8 image (H, W, 3) → the model input (S, S, 3), and the cell's measurements when the run
+        fuses a lab's morphology expert (taken before stain normalisation); safe on any thread."""
+        return prepare_measured(image, self.prep) if self.morphology is not None else self.prep.prepare(image)
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, K) and features (N, D) for prepared images (N, S, S, 3) uint8."""
@@ -188,12 +189,11 @@ class Engine:
             logits_t, features_t = self._wrapped(inputs)
         return logits_t.numpy(), features_t.numpy()
 
-    def run_batch(self, images: list[np.ndarray]) -> list[ImagePrediction]:
-        """Predict prepared images (each (S, S, 3) uint8) in one pass; the micro-batcher's ``process``."""
-        batch = np.stack(images)
-        logits, features = self.forward(batch)
-        if self.morphology is not None:  # a lab's morphology expert (train --morphology, then adapt --unlabelled)
-            logits = self.morphology.fuse(logits, features_of(batch))
+    def run_batch(self, images: list[np.ndarray | Measured]) -> list[ImagePrediction]:
+        """Predict images from :meth:`prepare` in one pass; the micro-batcher's ``process``."""
+        logits, features = self.forward(np.stack([x.pixels if isinstance(x, Measured) else x for x in images]))
+        if self.morphology is not None:  # a lab's morphology expert (train --morphology, then adapt)
+            logits = self.morphology.fuse(logits, np.stack([x.measured for x in images if isinstance(x, Measured)]))
         probabilities = softmax(logits, self.temperature)
         try:
             check_finite(probabilities)
@@ -238,7 +238,7 @@ class Engine:
         from hematovision.infer.gradcam import GradCAM
 
         target = None if label is None else [self.class_names.index(label)]
-        inputs = normalize(np.array(self.prepare(image)[None]), self.prep)  # a writable copy for torch
+        inputs = normalize(np.array(self.prep.prepare(image)[None]), self.prep)  # a writable copy for torch
         with self._torch_lock:
             if self._gradcam is None:
                 self._gradcam = GradCAM(self.model)

@@ -380,17 +380,17 @@ def run_training(config: TrainConfig) -> dict:
 def _fit_morphology(card: ModelCard, parts: dict[str, LoadedImages], y: dict[str, np.ndarray], num_classes: int) -> None:
     """Measure the training and validation cells and fit the morphology expert into ``card.morphology``.
 
+    The files are decoded again: the cells are measured before stain normalisation, which the loaded
+    images have been through (:func:`~hematovision.infer.morphology.prepare_measured`).
+
     Each lab is standardised on its own statistics, like the head. The run's temperature and test
     report are the network's alone: the expert joins on another lab's cells (:mod:`hematovision.infer.morphology`).
     """
-    from tqdm.auto import tqdm
-
-    from hematovision.infer.morphology import cell_features
+    from hematovision.infer.morphology import measure_files
     from hematovision.train.frozen import fit_morphology
 
-    measured = {part: np.stack([cell_features(image) for image in tqdm(loaded.images, desc=f"measuring {part} cells",
-                                                                       unit="img")])
-                for part, loaded in parts.items() if part in ("train", "val")}
+    measured = {part: measure_files([sample.path for sample in parts[part].samples], card.preprocessing,
+                                    desc=f"measuring {part} cells") for part in ("train", "val")}
     sources = (np.array([str(s.source) for s in parts["train"].samples]),
                np.array([str(s.source) for s in parts["val"].samples]))
     expert, summary = fit_morphology(measured["train"], y["train"], measured["val"], y["val"], num_classes, sources)
