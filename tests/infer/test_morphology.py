@@ -134,6 +134,15 @@ def test_train_fits_the_expert_and_another_labs_cells_get_it(morph_run: tuple[Pa
     lab_predictor.morphology = None
     np.testing.assert_allclose(fused, expert.fuse(lab_predictor.logits(images), measured), rtol=1e-5, atol=1e-5)
     assert not np.allclose(fused, network)
+    # The web app's engine fuses the same expert into its answers.
+    from hematovision.evaluate.metrics import softmax
+    from hematovision.serve.engine import Engine
+
+    lab_predictor.morphology = expert
+    engine = Engine(lab_predictor, adapted, backend="torch", threads=1)
+    answers = engine.run_batch([engine.prepare(image) for image in images])
+    served = np.array([[answer.probabilities[name] for name in lab_predictor.class_names] for answer in answers])
+    np.testing.assert_allclose(served, softmax(fused, lab_predictor.temperature), rtol=1e-4, atol=1e-5)
 
 
 def test_morphology_needs_lab_standardise(morph_run: tuple[Path, dict[str, Path]], tmp_path: Path,
