@@ -205,7 +205,34 @@ def write_results(out: Path) -> Path:
                      f"{held['ece']:.3f} | {row['in_lab_test']['balanced_accuracy']:.3f} |")
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
+    _plot_zero_shot(rows, out / "zero_shot.png")
     return path
+
+
+def _plot_zero_shot(rows: list[dict], path: Path) -> None:
+    """Grouped bars: each recipe's balanced accuracy on each held-out lab, chance and the target marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = sorted({row["recipe"] for row in rows}, key=list(RECIPES).index)
+    labs = [lab for lab in LABS if any(row["held_out"] == lab for row in rows)]
+    score = {(row["recipe"], row["held_out"]): row["held_out_lab"]["balanced_accuracy"] for row in rows}
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(recipes))
+    for i, recipe in enumerate(recipes):
+        xs = [j + i * width for j, lab in enumerate(labs) if (recipe, lab) in score]
+        axis.bar(xs, [score[(recipe, lab)] for lab in labs if (recipe, lab) in score], width, label=recipe)
+    axis.axhline(0.2, color="grey", linestyle=":", label="chance (5 classes)")
+    axis.axhline(0.8, color="black", linestyle="--", label="target")
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(labs))], [f"{lab} held out" for lab in labs])
+    axis.set_ylabel("balanced accuracy on the held-out lab")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
