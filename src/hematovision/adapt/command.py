@@ -186,8 +186,8 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
         measured = expert.filled(measure_files(cells.paths(), prep, desc="measuring the lab's cells"))
         moments = (lab_moments(measured, expert.weight, expert.bias) if expert.standardisation == "per_lab"
                    else (measured.mean(axis=0), np.where(measured.std(axis=0) < 1e-6, 1.0, measured.std(axis=0))))
-        lab_expert = replace(expert, mean=moments[0], std=moments[1], lab=folder.name)
-        result["card"] = {"morphology": {**(card.morphology or {}), **lab_expert.to_dict()}}
+        on_lab = replace(expert, mean=moments[0], std=moments[1], lab=folder.name)
+        result["card"] = {"morphology": {**(card.morphology or {}), **on_lab.to_dict()}}
         adapted.append("morphology expert's standardisation re-estimated on the lab's cells; it is now fused "
                        "into every prediction")
     return result
