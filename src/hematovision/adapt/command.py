@@ -35,7 +35,6 @@ from hematovision.adapt.morphology import lab_expert
 from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer import lab_standardise as per_lab
-from hematovision.infer.lab_standardise import lab_moments
 from hematovision.infer.morphology import expert_of, measure_files
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
@@ -100,11 +99,7 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
                        "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs,
                                     "finetune": finetune},
                        "seconds": round(time.perf_counter() - started, 1)})
-    changes = result.get("card", {})
-    if card.morphology is not None and "morphology" not in changes:  # not re-fitted for the lab: left out
-        changes = {**changes, "morphology": None}
-        adaptation.setdefault("morphology", "the source run's morphology expert is not used by the adapted run")
-    new_card = replace(card, **changes, temperature=temperature, metrics=result.get("metrics", {}),
+    new_card = replace(card, **result.get("card", {}), temperature=temperature, metrics=result.get("metrics", {}),
                        adaptation=adaptation,
                        files={}, hematovision_version=hematovision.__version__,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
@@ -182,11 +177,8 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
             "ood": "no OOD check: the source's OOD model was fitted on features this adaptation re-normalised"})
     result = {"model": model, "adaptation": adaptation, "temperature": card.temperature, "policy": policy}
     expert = expert_of(card.morphology, len(card.class_names))
-    if expert is not None and frozen:  # the cell measurements get the lab's statistics too
-        measured = expert.filled(measure_files(cells.paths(), prep, desc="measuring the lab's cells"))
-        moments = (lab_moments(measured, expert.weight, expert.bias) if expert.standardisation == "per_lab"
-                   else (measured.mean(axis=0), np.where(measured.std(axis=0) < 1e-6, 1.0, measured.std(axis=0))))
-        on_lab = replace(expert, mean=moments[0], std=moments[1], lab=folder.name)
+    if expert is not None:  # the cell measurements get the lab's statistics too
+        on_lab = expert.on_lab(measure_files(cells.paths(), prep, desc="measuring the lab's cells"), folder.name)
         result["card"] = {"morphology": {**(card.morphology or {}), **on_lab.to_dict()}}
         adapted.append("morphology expert's standardisation re-estimated on the lab's cells; it is now fused "
                        "into every prediction")

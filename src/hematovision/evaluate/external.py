@@ -153,7 +153,8 @@ def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: 
     expert = predictor.morphology
     if expert is not None:  # the cell measurements too, on the lab's own statistics when it was trained per lab
         measured = predictor.kept_morphology()
-        logits = expert.fuse(logits, measured, expert.lab_logits(measured) if expert.standardisation == "per_lab" else None)
+        own = expert.on_lab(measured) if expert.standardisation == "per_lab" else expert
+        logits = expert.fuse(logits, measured, own.logits(measured))
     restandardised, new_flags = predictor.review(logits, None)  # no OOD check: fitted on the run's statistics
     before = probabilities.argmax(axis=1)
     record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS, "morphology": expert is not None,

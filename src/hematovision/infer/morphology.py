@@ -25,16 +25,15 @@ Numpy, scipy and scikit-image only: inference through an exported backend still 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 
 from hematovision.data.transforms import Preprocessing, resize
-from hematovision.infer.lab_standardise import lab_moments
+from hematovision.infer.lab_standardise import class_balanced_moments, lab_moments
 
 WORK_SIDE = 112
 """The scale-normalised image is measured at this side: at ``--cell-scale 0.38`` the cell is ~43 pixels wide."""
@@ -64,10 +63,7 @@ def cell_features(pixels: np.ndarray) -> np.ndarray:
     """
     from hematovision.data.scale import cell_masks
 
-    rgb = np.asarray(pixels)
-    if rgb.shape[0] != WORK_SIDE or rgb.shape[1] != WORK_SIDE:
-        rgb = np.asarray(Image.fromarray(rgb).resize((WORK_SIDE, WORK_SIDE), Image.Resampling.BILINEAR))
-    masks = cell_masks(rgb)
+    masks = cell_masks(resize(np.asarray(pixels), WORK_SIDE))
     out = np.full(len(FEATURES), np.nan)
     if masks is None or masks.nucleus.sum() < 4 or masks.cell.sum() < 4:
         return out
@@ -107,6 +103,11 @@ class Measured(NamedTuple):
     measured: np.ndarray
 
 
+def pixels_of(item: np.ndarray | Measured) -> np.ndarray:
+    """The network's input pixels of a prepared image, measured or not."""
+    return item.pixels if isinstance(item, Measured) else item
+
+
 def prepare_measured(image: np.ndarray, prep: Preprocessing) -> Measured:
     """A decoded image → the network's input pixels and the cell's :data:`FEATURES`.
 
@@ -117,12 +118,12 @@ def prepare_measured(image: np.ndarray, prep: Preprocessing) -> Measured:
     Reinhard's; docs/labs.md).
     """
     scaled = prep.rescale(image)
-    return Measured(prep.finish(scaled), cell_features(resize(scaled, WORK_SIDE)))
+    return Measured(prep.finish(scaled), cell_features(scaled))
 
 
 def measure(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """The :data:`FEATURES` of a decoded image's cell, as :func:`prepare_measured` takes them."""
-    return cell_features(resize(prep.rescale(image), WORK_SIDE))
+    return cell_features(prep.rescale(image))
 
 
 def measure_files(paths: Sequence[Path], prep: Preprocessing, desc: str = "measuring cells") -> np.ndarray:
@@ -195,15 +196,18 @@ class MorphologyExpert:
         x = np.asarray(features, dtype=np.float64)
         return np.where(np.isnan(x), self.mean, x)
 
-    def logits(self, features: np.ndarray, moments: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """(N, K) the expert's logits; ``moments`` another standardisation (a lab's own)."""
-        mean, std = moments if moments is not None else (self.mean, self.std)
-        return np.asarray(((self.filled(features) - mean) / std) @ self.weight.T + self.bias)
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """(N, K) the expert's logits."""
+        return np.asarray(((self.filled(features) - self.mean) / self.std) @ self.weight.T + self.bias)
 
-    def lab_logits(self, features: np.ndarray) -> np.ndarray:
-        """(N, K) logits with the measurements standardised on the cells' own class-balanced statistics."""
+    def on_lab(self, features: np.ndarray, lab: str | None = None) -> MorphologyExpert:
+        """This expert standardised on a lab's own cells: class-balanced with its own predicted classes
+        for a per-lab expert (as the network's features, :func:`~hematovision.infer.lab_standardise.lab_moments`),
+        else the cells' plain statistics."""
         filled = self.filled(features)
-        return self.logits(filled, lab_moments(filled, self.weight, self.bias))
+        mean, std = (lab_moments(filled, self.weight, self.bias) if self.standardisation == "per_lab"
+                     else class_balanced_moments(filled, np.ones((len(filled), 1))))
+        return replace(self, mean=np.asarray(mean, np.float64), std=np.asarray(std, np.float64), lab=lab)
 
     def fuse(self, network_logits: np.ndarray, features: np.ndarray,
              expert_logits: np.ndarray | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend
 from hematovision.infer.exported import Forward, onnx_forward, onnx_session
-from hematovision.infer.morphology import Measured, MorphologyExpert, expert_of, prepare_measured
+from hematovision.infer.morphology import Measured, MorphologyExpert, expert_of, pixels_of, prepare_measured
 from hematovision.infer.policy import ReviewPolicy, current_policy
 from hematovision.infer.shift import LabShift, ShiftMonitor, ShiftReference
 from hematovision.run import ModelCard, load_model, read_run
@@ -151,7 +151,7 @@ class Predictor:
                 ``load_images(samples, prep)``); scale and stain normalisation are not applied twice.
         """
         items = list(images) if prepared else [self.prep.prepare(image) for image in images]
-        return self._tensor(np.stack([item.pixels if isinstance(item, Measured) else item for item in items]))
+        return self._tensor(np.stack([pixels_of(item) for item in items]))
 
     def logits(self, images: Sequence[np.ndarray], batch_size: int = 32, prepared: bool = False) -> np.ndarray:
         """Raw logits, (N, K). With a shift reference, the images' lab-shift scores are collected too."""
@@ -177,7 +177,7 @@ class Predictor:
         measurements. ``prepared``: the images came from :meth:`prepare` (else ``prep.prepare`` is applied)."""
         items = list(images) if prepared else [self.prepare(np.asarray(image)) for image in images]
         if not self.measures:
-            return np.stack([item.pixels if isinstance(item, Measured) else item for item in items]), None
+            return np.stack([pixels_of(item) for item in items]), None
         if not all(isinstance(item, Measured) for item in items):
             raise ValueError("prepared images for a run whose morphology expert is in use must come from "
                              "Predictor.prepare (the cells are measured before stain normalisation)")

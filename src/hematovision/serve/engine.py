@@ -23,7 +23,7 @@ from hematovision.errors import HematoVisionError
 from hematovision.evaluate.metrics import softmax
 from hematovision.infer.backend import LoadedBackend, load_backend
 from hematovision.infer.exported import BATCH_SIZE, Forward
-from hematovision.infer.morphology import Measured, fused_expert, prepare_measured
+from hematovision.infer.morphology import Measured, fused_expert, pixels_of, prepare_measured
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.predictor import NonFiniteOutputError, check_finite
 from hematovision.infer.runtime import LogitsAndFeatures
@@ -191,7 +191,7 @@ class Engine:
 
     def run_batch(self, images: list[np.ndarray | Measured]) -> list[ImagePrediction]:
         """Predict images from :meth:`prepare` in one pass; the micro-batcher's ``process``."""
-        logits, features = self.forward(np.stack([x.pixels if isinstance(x, Measured) else x for x in images]))
+        logits, features = self.forward(np.stack([pixels_of(x) for x in images]))
         if self.morphology is not None:  # a lab's morphology expert (train --morphology, then adapt)
             logits = self.morphology.fuse(logits, np.stack([x.measured for x in images if isinstance(x, Measured)]))
         probabilities = softmax(logits, self.temperature)

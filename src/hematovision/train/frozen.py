@@ -94,18 +94,7 @@ def fit_head(
         A summary dict (chosen hyper-parameters, validation score, seconds).
     """
     started = time.perf_counter()
-    if sources is None:
-        mean = train_features.mean(axis=0)
-        # A feature constant over the training images (Lite's ReLU6 channels often sit at 0) keeps the
-        # scale 1, as scikit-learn's StandardScaler does: dividing by ~0 would turn its first change at
-        # prediction time into a value of ~1e6, which wrecks an MLP head and the OOD score.
-        std = train_features.std(axis=0)
-        std = np.where(std < 1e-6, 1.0, std)
-        train_z = (train_features - mean) / std
-        val_z = (val_features - mean) / std
-    else:
-        (mean, std), train_z, val_z = _per_lab_standardised(train_features, train_labels, val_features, num_classes,
-                                                            *sources)
+    (mean, std), train_z, val_z = _standardised(train_features, train_labels, val_features, num_classes, sources)
     classifier.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
     classifier.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
     if head == "logreg":
@@ -120,6 +109,21 @@ def fit_head(
     summary["seconds"] = time.perf_counter() - started
     log.info("head %s fitted in %.1fs: %s", head, summary["seconds"], summary)
     return summary
+
+
+def _standardised(train: np.ndarray, labels: np.ndarray, val: np.ndarray, num_classes: int,
+                  sources: tuple[np.ndarray, np.ndarray] | None) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+    """The (mean, std) a head keeps and the standardised training and validation rows: the training
+    split's statistics, or, given ``sources``, each lab's own (:func:`_per_lab_standardised`)."""
+    if sources is not None:
+        return _per_lab_standardised(train, labels, val, num_classes, *sources)
+    mean = train.mean(axis=0)
+    # A feature constant over the training images (Lite's ReLU6 channels often sit at 0) keeps the
+    # scale 1, as scikit-learn's StandardScaler does: dividing by ~0 would turn its first change at
+    # prediction time into a value of ~1e6, which wrecks an MLP head and the OOD score.
+    std = train.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)
+    return (mean, std), (train - mean) / std, (val - mean) / std
 
 
 def _per_lab_standardised(train: np.ndarray, labels: np.ndarray, val: np.ndarray, num_classes: int,
@@ -166,12 +170,7 @@ def fit_morphology(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray,
     fill = np.nanmean(train, axis=0)
     fill = np.where(np.isnan(fill), 0.0, fill)
     train_f, val_f = (np.where(np.isnan(x), fill, x) for x in (train, val))
-    if sources is None:
-        mean, std = train_f.mean(axis=0), train_f.std(axis=0)
-        std = np.where(std < 1e-6, 1.0, std)
-        train_z, val_z = (train_f - mean) / std, (val_f - mean) / std
-    else:
-        (mean, std), train_z, val_z = _per_lab_standardised(train_f, train_labels, val_f, num_classes, *sources)
+    (mean, std), train_z, val_z = _standardised(train_f, train_labels, val_f, num_classes, sources)
     best = None
     for c in c_grid:
         model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(train_z, train_labels)

@@ -319,9 +319,8 @@ def run_training(config: TrainConfig) -> dict:
             card.data["feature_processes"] = world.size
         labs = None
         if config.lab_standardise:
-            train_labs = np.array([str(sample.source) for sample in parts["train"].samples])
-            labs = (np.tile(train_labs, config.augment_copies + 1),
-                    np.array([str(sample.source) for sample in parts["val"].samples]))
+            train_labs, val_labs = _labs(parts)
+            labs = (np.tile(train_labs, config.augment_copies + 1), val_labs)
         model, summary = fit_frozen_classifier(extractor.module, train_x, train_y, features["val"],
                                                y["val"], len(class_names), head=config.head, seed=config.seed,
                                                sources=labs)
@@ -377,6 +376,12 @@ def run_training(config: TrainConfig) -> dict:
     return metrics
 
 
+def _labs(parts: dict[str, LoadedImages]) -> tuple[np.ndarray, np.ndarray]:
+    """The lab (``--data`` source) of each training and each validation image: per-lab standardisation's groups."""
+    train, val = (np.array([str(sample.source) for sample in parts[part].samples]) for part in ("train", "val"))
+    return train, val
+
+
 def _fit_morphology(card: ModelCard, parts: dict[str, LoadedImages], y: dict[str, np.ndarray], num_classes: int) -> None:
     """Measure the training and validation cells and fit the morphology expert into ``card.morphology``.
 
@@ -391,9 +396,8 @@ def _fit_morphology(card: ModelCard, parts: dict[str, LoadedImages], y: dict[str
 
     measured = {part: measure_files([sample.path for sample in parts[part].samples], card.preprocessing,
                                     desc=f"measuring {part} cells") for part in ("train", "val")}
-    sources = (np.array([str(s.source) for s in parts["train"].samples]),
-               np.array([str(s.source) for s in parts["val"].samples]))
-    expert, summary = fit_morphology(measured["train"], y["train"], measured["val"], y["val"], num_classes, sources)
+    expert, summary = fit_morphology(measured["train"], y["train"], measured["val"], y["val"], num_classes,
+                                     _labs(parts))
     card.morphology = {**expert.to_dict(), "fit": summary}
     log.info("morphology expert fitted: %s", summary)
 
