@@ -92,6 +92,13 @@ class FrozenHead:
     head: dict[str, Any] = field(default_factory=dict)
     standardisation: str = "training"
 
+    @property
+    def routed_labs(self) -> list[str]:
+        """The training labs a per-lab head routes images to (``head.routing``; see
+        :class:`~hematovision.models.frozen.LabRoutedLinear`); empty for other heads."""
+        routing = self.head.get("routing")
+        return list(routing["labs"]) if isinstance(routing, dict) else []
+
 
 @dataclass
 class ModelCard:
@@ -211,6 +218,12 @@ class ModelCard:
                 raise bad("frozen.head must be a JSON object")
             if head.standardisation not in STANDARDISATIONS:
                 raise bad(f"frozen.standardisation must be one of {', '.join(STANDARDISATIONS)}")
+            routing = head.head.get("routing")
+            if routing is not None and not (
+                    isinstance(routing, dict) and isinstance(routing.get("labs"), list) and routing["labs"]
+                    and len(routing["labs"]) <= MAX_HEAD_SIZE and all(isinstance(lab, str) for lab in routing["labs"])
+                    and head.hidden == 0):
+                raise bad("frozen.head.routing must name the training labs (a list of strings) of a linear head")
         # The descriptive sections are read by other commands (adapt, serve's /api/v1/model, the
         # lab-shift score): a wrong type there would fail later, far from the card.
         for name in ("data", "metrics", "files"):
@@ -372,7 +385,8 @@ def build_model(card: ModelCard) -> nn.Module:
     num_classes = len(card.class_names)
     if card.frozen is not None:
         features = build_frozen_features(card.backbone, card.frozen.taps, pretrained=False)
-        return FrozenClassifier(features, card.frozen.num_features, num_classes, card.frozen.hidden)
+        return FrozenClassifier(features, card.frozen.num_features, num_classes, card.frozen.hidden,
+                                routed_labs=len(card.frozen.routed_labs))
     return create_model(card.backbone, num_classes=num_classes, pretrained=False)
 
 

@@ -13,7 +13,7 @@ import pytest
 from two_domains import write_lab
 
 from hematovision.cli import main
-from hematovision.infer.shift import LabShift, ShiftReference, fit_reference
+from hematovision.infer.shift import NARROWEST_BATCH, LabShift, ShiftReference, fit_reference
 
 # ---- the score and its threshold, on features with a known distribution ----
 
@@ -41,7 +41,14 @@ def test_in_lab_batches_stay_below_the_threshold_and_shifted_ones_cross_it() -> 
         assert "hematovision adapt" in result.message()
     # Fewer images: a wider threshold, so a single typical image does not warn.
     assert reference.threshold_for(1) > reference.threshold_for(8) > reference.threshold_for(32) == reference.threshold
-    assert reference.threshold_for(200) == reference.threshold
+    # More images: a narrower one, down to NARROWEST_BATCH's; so a whole folder of a mildly shifted lab
+    # warns where a batch of 32 of it would not, and a whole in-lab folder still does not.
+    assert reference.threshold > reference.threshold_for(64) > reference.threshold_for(NARROWEST_BATCH)
+    assert reference.threshold_for(NARROWEST_BATCH) == reference.threshold_for(10 * NARROWEST_BATCH)
+    assert reference.threshold_for(NARROWEST_BATCH) > reference.image_score_mean
+    mild = reference.image_scores(features(500, shift=0.45, seed=7))
+    assert not reference.assess(mild[:32]).shifted and reference.assess(mild).shifted
+    assert not reference.assess(reference.image_scores(features(2000, seed=8))).shifted
 
 
 def test_single_class_batches_are_part_of_the_calibration() -> None:

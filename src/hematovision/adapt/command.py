@@ -39,6 +39,7 @@ from hematovision.infer.morphology import expert_of, measure_files
 from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
 from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
+from hematovision.models.frozen import FrozenClassifier
 from hematovision.run import CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, ModelCard, load_run, save_weights, write_card
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         raise HematoVisionError("--out must be a new folder, not the source run")
     card, model = load_run(source)
     source_policy = _source_policy(source, card)
+    card, dropped = _without_routing(card, model)
     torch.manual_seed(seed)
     if unlabelled is not None:
         result = _unlabelled(card, model, Path(unlabelled), source_policy, entropy_epochs, seed)
@@ -95,6 +97,8 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         assert data is not None
         result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed, finetune)
     model, adaptation, temperature = result["model"], result["adaptation"], result["temperature"]
+    if dropped:
+        adaptation["adapted"].append(dropped)
     adaptation.update({"source_run": str(source.resolve()), "source_sha256": card.weights_sha256,
                        "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs,
                                     "finetune": finetune},
@@ -105,6 +109,16 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
     _write_run(source, out, model, new_card, result)
     return adaptation
+
+
+def _without_routing(card: ModelCard, model: torch.nn.Module) -> tuple[ModelCard, str]:
+    """A per-lab run's head stops routing images to its training labs' statistics: the adapted run scores
+    every image on the standardisation fitted here (the lab's own, or the head refitted on it)."""
+    if not isinstance(model, FrozenClassifier) or card.frozen is None or not model.drop_routing():
+        return card, ""
+    head = {key: value for key, value in card.frozen.head.items() if key != "routing"}
+    return (replace(card, frozen=replace(card.frozen, head=head)),
+            f"routing to the training labs' statistics ({', '.join(card.frozen.routed_labs)}) dropped")
 
 
 def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,

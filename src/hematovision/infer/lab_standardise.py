@@ -12,9 +12,11 @@ treatment from the cells themselves, without labels:
    as if neutrophils were the average cell.
 
 ``hematovision evaluate`` does this for a folder when the run is a per-lab run, the folder's lab-shift
-score warns (the training labs' own images keep the run's statistics) and the folder has at least
+score warns (the training labs' own images keep the run's statistics, each routed to its own lab's
+by the head: :class:`~hematovision.models.frozen.LabRoutedLinear`) and the folder has at least
 :data:`MIN_IMAGES` readable images; ``adapt --unlabelled`` stores such statistics in a new run.
-It needs the final layer's inputs to be the standardised features, i.e. a linear (logreg) head.
+It needs the final layer's inputs to be the standardised features, i.e. a linear (logreg) head; the
+routed head takes the labs' average standardisation, so :func:`restandardise` undoes it exactly.
 """
 
 from __future__ import annotations

@@ -27,8 +27,13 @@ The warning threshold is calibrated when the run is trained (``hematovision trai
 ``card.shift``): the 99th percentile of the score over batches of 32 held-out images of the
 training labs (the validation split), half of them drawn at random and half from one class each
 (a folder of one cell type, or a sample with many lymphocytes, must not warn). A batch of n
-images is compared with a threshold widened by ``sqrt(32 / n)`` when n < 32, since a small batch's
-mean varies more. Runs trained before the score existed have no ``card.shift`` and never warn.
+images is compared with the threshold's margin over the in-lab mean scaled by ``sqrt(32 / n)``, since
+a batch's mean varies less the more images it holds: widened below 32 images, narrowed above, down to
+the margin of :data:`NARROWEST_BATCH` images (a lab's own slides drift from session to session, so a
+folder of thousands is not held to a thousandth of the spread). A mildly shifted lab then warns when
+it brings a whole folder: 500 Raabin cells score 1.10 on the recommended model, under its batch-of-32
+threshold of 1.24 and over the 1.02 of 256 images (its own labs' test cells: PBC 0.66). Runs trained
+before the score existed have no ``card.shift`` and never warn.
 
 For a frozen run the final layer's input is already standardised (``feature_mean``/``feature_std``
 of :class:`~hematovision.models.frozen.FrozenClassifier`), so its reference is 0 and 1 and the card
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 SHIFT_BATCH = 32  # images per calibration batch: a typical upload or a slide's differential
+NARROWEST_BATCH = 256  # beyond this many images the threshold narrows no further (see the module docstring)
 SHIFT_QUANTILE = 0.99  # of in-lab batch scores: about 1 in 100 in-lab batches of 32 warns
 Z2_CAP = 100.0  # squared standardised features are capped at 10 standard deviations
 METHOD = "mean over the final layer's inputs of the squared standardised feature (capped at 100)"
@@ -168,10 +174,11 @@ class ShiftReference:
         return nearest
 
     def threshold_for(self, n_images: int) -> float | None:
-        """The threshold for a batch of ``n_images``: widened by ``sqrt(batch / n)`` below the calibration batch."""
+        """The threshold for a batch of ``n_images``: its margin over the in-lab mean scaled by ``sqrt(batch / n)``,
+        for n up to :data:`NARROWEST_BATCH`."""
         if self.threshold is None or n_images < 1:
             return None
-        widen = math.sqrt(self.batch / min(n_images, self.batch))
+        widen = math.sqrt(self.batch / min(n_images, max(self.batch, NARROWEST_BATCH)))
         return self.image_score_mean + (self.threshold - self.image_score_mean) * widen
 
     def assess(self, image_scores: Sequence[float] | np.ndarray) -> LabShift | None:

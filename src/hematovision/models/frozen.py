@@ -133,6 +133,57 @@ def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) 
 
 
 
+ROUTE_SCORE_CAP = 100.0  # squared standardised features are capped at 10 standard deviations, as in the lab-shift score
+
+
+class LabRoutedLinear(nn.Linear):
+    """A linear head that scores each image on the statistics of the training lab it comes from.
+
+    A per-lab run (``train --lab-standardise``) fitted its head on each training lab's features
+    standardised with that lab's own statistics, but an image arrives without its lab: the classifier
+    standardises it with the labs' *average* (``feature_mean``/``feature_std``), which is none of
+    them. This head takes those averaged features, and for each image measures on every training lab's
+    statistics how typical it is (the mean squared standardised feature, capped as in the lab-shift
+    score). When the best lab's score is within that lab's own limit (the 95th percentile of its
+    training and validation images), the image is scored on that lab's statistics; otherwise (another
+    lab) on the average, as before.
+
+    It is the final linear layer itself, so that what the layer takes, the features the lab-shift
+    score, the review policy and ``evaluate``'s lab standardisation read, stays the averaged
+    standardisation: only the logits change.
+
+    Buffers (``L`` training labs): ``lab_scale`` and ``lab_offset`` (L, D) map the averaged features to
+    each lab's standardisation (``z_lab = z * scale + offset``); ``lab_limit`` (L,) each lab's limit.
+    """
+
+    lab_scale: Tensor
+    lab_offset: Tensor
+    lab_limit: Tensor
+
+    def __init__(self, in_features: int, out_features: int, labs: int) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("lab_scale", torch.ones(labs, in_features))
+        self.register_buffer("lab_offset", torch.zeros(labs, in_features))
+        self.register_buffer("lab_limit", torch.zeros(labs))
+
+    def routed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The features each image is scored on, (N, D), and which lab it was routed to, (N,) (-1: none)."""
+        per_lab = x.unsqueeze(1) * self.lab_scale + self.lab_offset  # (N, L, D)
+        scores = per_lab.square().clamp(max=ROUTE_SCORE_CAP).mean(dim=2)  # (N, L)
+        best = scores.argmin(dim=1)
+        within = scores.gather(1, best[:, None])[:, 0] <= self.lab_limit[best]
+        chosen = per_lab.gather(1, best[:, None, None].expand(-1, 1, x.shape[1]))[:, 0]
+        return torch.where(within[:, None], chosen, x), torch.where(within, best, torch.full_like(best, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.routed(x)[0], self.weight, self.bias)
+
+
+def lab_routing(mean: Tensor, std: Tensor, lab_means: Tensor, lab_stds: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, offset), each (L, D), that turn features standardised with ``mean``/``std`` into each lab's."""
+    return std / lab_stds, (mean - lab_means) / lab_stds
+
+
 class FrozenClassifier(nn.Module):
     """Pooled features of a frozen backbone, standardised, then a linear or MLP head.
 
@@ -141,6 +192,8 @@ class FrozenClassifier(nn.Module):
         num_features: D, the feature size.
         num_classes: K.
         hidden: hidden width of an MLP head; 0 for a linear head.
+        routed_labs: a linear head that routes each image to its training lab's statistics
+            (:class:`LabRoutedLinear`) for this many labs; 0: a plain linear head.
     """
 
     # Registered buffers, declared so that they read as tensors (nn.Module.__getattr__ is typed Tensor | Module).
@@ -148,15 +201,29 @@ class FrozenClassifier(nn.Module):
     feature_std: Tensor
 
     def __init__(self, features: PooledFeatures | ConcatFeatures, num_features: int, num_classes: int,
-                 hidden: int = 0) -> None:
+                 hidden: int = 0, routed_labs: int = 0) -> None:
         super().__init__()
+        if hidden and routed_labs:
+            raise ValueError("lab routing needs a linear head")
         self.features = features
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         if hidden:
             self.head: nn.Module = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        elif routed_labs:
+            self.head = LabRoutedLinear(num_features, num_classes, routed_labs)
         else:
             self.head = nn.Linear(num_features, num_classes)
+
+    def drop_routing(self) -> bool:
+        """Make a routed head a plain linear one with the same weights (its lab maps hold only for the
+        standardisation they were fitted with); whether there was routing to drop."""
+        if not isinstance(self.head, LabRoutedLinear):
+            return False
+        plain = nn.Linear(self.head.in_features, self.head.out_features)
+        plain.load_state_dict({"weight": self.head.weight.detach(), "bias": self.head.bias.detach()})
+        self.head = plain
+        return True
 
     @property
     def gradcam_layer(self) -> nn.Module | None:
