@@ -39,6 +39,9 @@ RECIPES: dict[str, dict] = {
     "scale_lab_morph": {"cell_scale": 0.38, "lab_standardise": True, "morphology": True},
     "scale_stain_lab_morph": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True, "morphology": True},
     "scale_augment": {"cell_scale": 0.38, "augment_copies": 2},
+    # The recommended recipe with the features of 2 stain- and optics-augmented copies of each image.
+    "scale_stain_lab_morph_aug": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True,
+                                  "morphology": True, "augment_copies": 2},
     # Fine-tuned end to end at 128 px with stain/optics/zoom augmentation: what the hidden labs
     # rewarded most for a PBC-only model (issue 12), here on every other lab.
     "finetune_strong": {"mode": "finetune", "image_size": 128, "cell_scale": 0.38, "stain_norm": "reinhard",
