@@ -133,7 +133,7 @@ def build_frozen_features(backbone: str, taps: Sequence[int], pretrained: bool) 
 
 
 
-ROUTE_SCORE_CAP = 100.0  # squared standardised features are capped at 10 standard deviations, as in the lab-shift score
+ROUTE_SCORE_CAP = 100.0  # squared standardised features capped at 10 standard deviations, as infer.shift.Z2_CAP
 
 
 class LabRoutedLinear(nn.Linear):
