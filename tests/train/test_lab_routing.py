@@ -92,3 +92,18 @@ def test_adapt_drops_the_training_labs_routing(two_lab_run: Path, tmp_path: Path
     assert any("routing to the training labs' statistics" in line for line in card["adaptation"]["adapted"])
     _, model = load_run(out)
     assert type(model.head) is nn.Linear
+
+
+def test_evaluate_reports_where_the_images_were_routed(two_lab_run: Path, tmp_path: Path, one_thread: None) -> None:
+    first = write_lab(tmp_path / "more_of_first", 12, seed=11)  # new cells of the first training lab
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(two_lab_run), "--data", str(first), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    routing = metrics["lab_routing"]
+    assert set(routing) == {"first", "second", "none"} and sum(routing.values()) == pytest.approx(1.0)
+    assert routing["first"] >= 0.8 and routing["second"] <= 0.1
+    assert "lab routing" in (out / "report.md").read_text()
+    # Without per-lab standardisation the features are not kept, and nothing is claimed.
+    kept = tmp_path / "kept"
+    assert main(["evaluate", str(two_lab_run), "--data", str(first), "--out", str(kept), "--no-lab-standardise"]) == 0
+    assert json.loads((kept / "metrics.json").read_text())["lab_routing"] is None

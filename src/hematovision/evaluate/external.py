@@ -99,8 +99,10 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
         raise DatasetError(f"none of the {len(chosen)} images in {context['data']} could be read")
     shift = predictor.lab_shift()  # None for runs trained before the lab-shift score
     labels = label_indices(kept, predictor.class_names)
-    standardised = None
+    standardised = routing = None
     if restandardise:
+        assert predictor.shift is not None and predictor.card.frozen is not None
+        routing = per_lab.routed_shares(predictor.model, predictor.card.frozen.routed_labs, predictor.shift.features())
         probabilities, flagged, standardised = _on_own_statistics(predictor, labels, probabilities, flagged)
     context = {
         "run": str(run_dir), **context, "test-time views": predictor.views,
@@ -109,6 +111,10 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     }
     review = review_summary(labels, probabilities, flagged) if predictor.policy is not None else None
     context["review policy"] = _review_line(review)
+    if routing is not None:  # a per-lab run's head scores each training lab's images on that lab's statistics
+        context["lab routing"] = ", ".join(f"{lab} {share:.0%}" for lab, share in routing.items()) + (
+            " (the training lab whose statistics scored the images; none: the labs' average)"
+            + ("; replaced by the folder's own statistics below" if standardised and standardised["applied"] else ""))
     if standardised is not None:
         context["lab standardisation"] = standardised["description"]
     if shift is not None:
@@ -125,6 +131,7 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     metrics["lab_shift"] = shift.to_dict() if shift is not None else None
     metrics["review"] = review
     metrics["lab_standardisation"] = standardised
+    metrics["lab_routing"] = routing
     write_json(out / METRICS_FILE, metrics)
     return metrics
 

@@ -121,3 +121,28 @@ def restandardise(model: nn.Module, head_inputs: np.ndarray) -> np.ndarray:
     mean, std = lab_moments(pooled, weight, bias)
     logits: np.ndarray = ((pooled - mean) / std) @ weight.T + bias
     return logits
+
+
+def routed_shares(model: nn.Module, labs: list[str], head_inputs: np.ndarray) -> dict[str, float] | None:
+    """Which training lab's statistics a routed head scored each image on, as shares of the images.
+
+    Args:
+        model: the frozen classifier; ``None`` is returned unless its head routes (:class:`LabRoutedLinear`).
+        labs: the card's ``frozen.head.routing.labs``, in the head's order.
+        head_inputs: (N, D) the final layer's inputs of the images, as inference gives them.
+
+    Returns:
+        Lab → share, and ``none`` for the images that kept the labs' average.
+    """
+    import torch
+
+    from hematovision.models.frozen import LabRoutedLinear
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, LabRoutedLinear) or not len(head_inputs):
+        return None
+    with torch.no_grad():
+        routes = head.routed(torch.as_tensor(np.asarray(head_inputs), dtype=torch.float32))[1].numpy()
+    shares = {lab: float((routes == i).mean()) for i, lab in enumerate(labs)}
+    shares["none"] = float((routes < 0).mean())
+    return shares
