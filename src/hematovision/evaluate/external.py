@@ -102,8 +102,10 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     standardised = routing = None
     if restandardise:
         assert predictor.shift is not None and predictor.card.frozen is not None
-        routing = per_lab.routed_shares(predictor.model, predictor.card.frozen.routed_labs, predictor.shift.features())
-        probabilities, flagged, standardised = _on_own_statistics(predictor, labels, probabilities, flagged)
+        head_inputs = predictor.shift.features()
+        routing = per_lab.routed_shares(predictor.model, predictor.card.frozen.routed_labs, head_inputs)
+        probabilities, flagged, standardised = _on_own_statistics(predictor, head_inputs, labels, probabilities,
+                                                                  flagged)
     context = {
         "run": str(run_dir), **context, "test-time views": predictor.views,
         "unknown_classes": ", ".join(unknown) or "none",
@@ -136,9 +138,11 @@ def _evaluate_samples(run_dir: str | Path, samples: Sequence[Sample], out: Path,
     return metrics
 
 
-def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: np.ndarray, flagged: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, dict]:
+def _on_own_statistics(predictor: Predictor, head_inputs: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                       flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """A per-lab run's scores with the folder's own feature statistics, when its lab-shift score warns.
+
+    ``head_inputs``: the folder's final-layer inputs, as the first pass kept them in the shift monitor.
 
     Returns:
         The probabilities and review flags to report, and what was done (``applied``, and the run's
@@ -156,12 +160,12 @@ def _on_own_statistics(predictor: Predictor, labels: np.ndarray, probabilities: 
         why = ("the folder's lab-shift score does not warn: its images are standardised like the training labs'"
                if n >= per_lab.MIN_IMAGES else f"only {n} image(s): at least {per_lab.MIN_IMAGES} are needed")
         return probabilities, flagged, {"applied": False, "description": f"not applied ({why})"}
-    logits = per_lab.restandardise(predictor.model, predictor.shift.features())
+    logits = per_lab.restandardise(predictor.model, head_inputs)
     expert = predictor.morphology
     if expert is not None:  # the cell measurements too, on the lab's own statistics when it was trained per lab
         measured = predictor.kept_morphology()
         own = expert.on_lab(measured) if expert.standardisation == "per_lab" else expert
-        logits = expert.fuse(logits, measured, own.logits(measured))
+        logits = own.fuse(logits, measured)
     restandardised, new_flags = predictor.review(logits, None)  # no OOD check: fitted on the run's statistics
     before = probabilities.argmax(axis=1)
     record = {"applied": True, "images": n, "iterations": per_lab.ITERATIONS, "morphology": expert is not None,

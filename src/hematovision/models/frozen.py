@@ -166,10 +166,15 @@ class LabRoutedLinear(nn.Linear):
         self.register_buffer("lab_offset", torch.zeros(labs, in_features))
         self.register_buffer("lab_limit", torch.zeros(labs))
 
+    def lab_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The averaged features (N, D) on each lab's statistics, (N, L, D), and how typical each image
+        is there, (N, L): its mean squared standardised feature, capped."""
+        per_lab = x.unsqueeze(1) * self.lab_scale + self.lab_offset
+        return per_lab, per_lab.square().clamp(max=ROUTE_SCORE_CAP).mean(dim=2)
+
     def routed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The features each image is scored on, (N, D), and which lab it was routed to, (N,) (-1: none)."""
-        per_lab = x.unsqueeze(1) * self.lab_scale + self.lab_offset  # (N, L, D)
-        scores = per_lab.square().clamp(max=ROUTE_SCORE_CAP).mean(dim=2)  # (N, L)
+        per_lab, scores = self.lab_scores(x)
         best = scores.argmin(dim=1)
         within = scores.gather(1, best[:, None])[:, 0] <= self.lab_limit[best]
         chosen = per_lab.gather(1, best[:, None, None].expand(-1, 1, x.shape[1]))[:, 0]

@@ -17,7 +17,7 @@ from torch import nn
 
 from hematovision.infer.lab_standardise import class_balanced_moments
 from hematovision.infer.morphology import MorphologyExpert
-from hematovision.models.frozen import ROUTE_SCORE_CAP, FrozenClassifier, LabRoutedLinear, lab_routing
+from hematovision.models.frozen import FrozenClassifier, LabRoutedLinear, lab_routing
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +156,20 @@ def _fit_routing(head: LabRoutedLinear, mean: np.ndarray, std: np.ndarray, train
     """
     moments = _lab_moments(train, labels, num_classes, train_labs)
     labs = list(moments)
-    limits = []
-    for lab in labs:
-        lab_mean, lab_std = moments[lab]
-        rows = np.concatenate([train[train_labs == lab], val[val_labs == lab]])
-        scores = np.minimum(((rows - lab_mean) / lab_std) ** 2, ROUTE_SCORE_CAP).mean(axis=1)
-        limits.append(float(np.quantile(scores, ROUTE_QUANTILE)))
     scale, offset = lab_routing(*(torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (
         mean, std, np.stack([moments[lab][0] for lab in labs]), np.stack([moments[lab][1] for lab in labs]))))
+
+    def averaged(rows: np.ndarray) -> torch.Tensor:  # what the head takes: the labs' average standardisation
+        return torch.as_tensor((rows - mean) / std, dtype=torch.float32)
+
     with torch.no_grad():
         head.lab_scale.copy_(scale)
         head.lab_offset.copy_(offset)
+        limits = [float(np.quantile(head.lab_scores(averaged(np.concatenate(
+            [train[train_labs == lab], val[val_labs == lab]])))[1][:, i].numpy(), ROUTE_QUANTILE))
+            for i, lab in enumerate(labs)]
         head.lab_limit.copy_(torch.as_tensor(limits, dtype=torch.float32))
-        _, routes = head.routed(torch.as_tensor((val - mean) / std, dtype=torch.float32))
+        _, routes = head.routed(averaged(val))
     own = np.array([labs.index(lab) for lab in val_labs]) if len(val_labs) else np.zeros(0, int)
     return {"labs": [str(lab) for lab in labs], "limits": [round(x, 4) for x in limits], "quantile": ROUTE_QUANTILE,
             "val_routed_to_own_lab": round(float((routes.numpy() == own).mean()), 4) if len(own) else None}
