@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--z-blocks", action="store_true", help="a slice of z into every generator block")
     parser.add_argument("--mode-seeking", type=float, default=0.0, help="weight of the mode-seeking term")
     parser.add_argument("--minibatch-std", action="store_true", help="minibatch std channel in each head")
+    parser.add_argument("--class-loss", type=float, default=0.0,
+                        help="weight of the auxiliary classifier's loss on generated cells (AC-GAN; 0: off)")
     parser.add_argument("--width", type=int, default=32, help="generator channels: 8w at 4-8 px down to w at 64 px")
     parser.add_argument("--no-wnet", action="store_true", help="skip the W-Net checks at the end")
     parser.add_argument("--wnet-epochs", type=int, default=40, help="epochs of each W-Net of the checks")
@@ -196,6 +198,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     config = ProjectedGanConfig(width=args.width, batch_size=args.batch, iterations=args.iterations, ema=args.ema,
                                 variant=args.variant, minibatch_std=args.minibatch_std, mode_seeking=args.mode_seeking,
+                                class_loss=args.class_loss,
                                 hierarchical=args.z_blocks, seed=args.seed, sample_every=500, checkpoint_every=500)
     images_by_class = {name: cells["x_train"][cells["y_train"] == k] for k, name in enumerate(WBC5)}
 

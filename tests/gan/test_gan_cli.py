@@ -71,6 +71,9 @@ def test_train_errors_are_one_line_exit_2(trained, tmp_path, capsys) -> None:
     assert main(["gan", "train", "--data", str(data), "--class", "basophil", "--out", str(tmp_path / "new"),
                  "--augment", "mixup", *TRAIN]) == 2
     assert "unknown GAN augmentation" in capsys.readouterr().err
+    assert main(["gan", "train", "--data", str(data), "--class", "basophil", "--out", str(tmp_path / "new"),
+                 "--class-loss", "0.5", *TRAIN]) == 2
+    assert "options of --arch projected" in capsys.readouterr().err
 
 
 class _PixelFeatures:

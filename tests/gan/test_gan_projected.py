@@ -44,9 +44,9 @@ def _tiny_config(**changes) -> ProjectedGanConfig:
     return ProjectedGanConfig(**{**settings, **changes})
 
 
-def _discriminator() -> ProjectedDiscriminator:
+def _discriminator(classifier: bool = False) -> ProjectedDiscriminator:
     torch.manual_seed(0)  # untrained features: the tests check the mechanics, not ImageNet
-    return ProjectedDiscriminator(len(COLOURS), pretrained=False)
+    return ProjectedDiscriminator(len(COLOURS), pretrained=False, classifier=classifier)
 
 
 def test_generator_draws_each_class_and_every_block_reads_its_slice_of_z() -> None:
@@ -97,6 +97,37 @@ def test_training_resumes_exactly_and_writes_a_run_folder(tmp_path) -> None:
         assert torch.equal(x, y), name
     assert (tmp_path / "straight" / "samples" / "iter_000004.png").exists()
     assert len((tmp_path / "straight" / "losses.csv").read_text().splitlines()) == 5
+
+
+def test_auxiliary_classifier_learns_the_classes_and_its_run_resumes(tmp_path) -> None:
+    torch.set_num_threads(1)
+    discriminator = _discriminator(classifier=True)
+    images = _images()
+    x = torch.cat([torch.from_numpy(images[name]).permute(0, 3, 1, 2).float() / 127.5 - 1 for name in COLOURS])
+    y = torch.arange(len(COLOURS)).repeat_interleave(6)
+    logits, classes = discriminator.judge(x, y)
+    assert logits.shape == (12,) and classes is not None and classes.shape == (12, len(COLOURS))
+    assert discriminator(x, y).shape == (12,) and _discriminator().judge(x, y)[1] is None
+    optimiser = torch.optim.Adam(discriminator.classifier.parameters(), 1e-2)
+    for _ in range(50):
+        loss = torch.nn.functional.cross_entropy(discriminator.judge(x, y)[1], y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert (discriminator.judge(x, y)[1].argmax(1) == y).all()
+
+    config = _tiny_config(class_loss=0.5)
+    train_projected_gan(images, tmp_path / "run", _tiny_config(class_loss=0.5, iterations=2), progress=False,
+                        discriminator=_discriminator(classifier=True))
+    card = train_projected_gan(images, tmp_path / "run", config, resume=True, progress=False,
+                               discriminator=_discriminator(classifier=True))
+    assert card["iterations"] == 4 and card["config"]["class_loss"] == 0.5
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["discriminator"]
+    assert any(key.startswith("classifier.") for key in saved)
+    with pytest.raises(ValueError, match="classifier exactly when"):
+        train_projected_gan(images, tmp_path / "other", config, progress=False, discriminator=_discriminator())
+    with pytest.raises(HematoVisionError, match="--class-loss"):
+        train_projected_gan(images, tmp_path / "other", _tiny_config(class_loss=-1), progress=False)
 
 
 def test_training_refuses_what_it_cannot_do(tmp_path) -> None:

@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           help="dcgan: spectrally normalised discriminator convolutions instead of batch norm")
     settings.add_argument("--mode-seeking", type=float, default=None,
                           help="projected: weight of the mode-seeking term against look-alike cells (default 1; 0: off)")
+    settings.add_argument("--class-loss", type=float, default=None,
+                          help="projected: weight of an auxiliary classifier's loss on generated cells (AC-GAN; "
+                               "default 0: off)")
     settings.add_argument("--device", default="cpu", help="projected: where to train (cpu, or cuda where a GPU is lent)")
     settings.add_argument("--seed", type=int, default=0)
     settings.add_argument("--threads", type=int, default=2,
@@ -112,7 +115,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise HematoVisionError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
         # Options not given keep the config's defaults.
-        config = ProjectedGanConfig(**{k: v for k, v in {**shared, "mode_seeking": args.mode_seeking}.items() if v is not None})
+        config = ProjectedGanConfig(**{k: v for k, v in {**shared, "mode_seeking": args.mode_seeking,
+                                                                 "class_loss": args.class_loss}.items() if v is not None})
         card = train_projected(args.out, config, data=args.data, split=args.split, split_part=args.split_part,
                                classes=classes, resume=args.resume, progress=not args.no_progress,
                                max_minutes=args.max_minutes, device=args.device)
@@ -120,6 +124,8 @@ def _train(args: argparse.Namespace) -> int:
               f"{card['train_seconds'] / 60:.1f} min of training time ({(time.perf_counter() - started) / 60:.1f} min wall); "
               f"run folder {args.out}")
         return 0
+    if args.mode_seeking is not None or args.class_loss is not None:
+        raise HematoVisionError("--mode-seeking and --class-loss are options of --arch projected")
     options = {**shared, "dropout": args.dropout, "spectral_norm": args.spectral_norm,
                "minibatch_std": not args.no_minibatch_std}
     config = GanConfig(**{key: value for key, value in options.items() if value is not None})

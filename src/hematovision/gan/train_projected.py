@@ -38,6 +38,9 @@ from hematovision.gan.train import (
 log = logging.getLogger(__name__)
 
 KIND = "projected"
+# The auxiliary classifier learns faster than the critic: at the critic's rate it labelled 37 % of
+# held-out real cells right (balanced) after 400 steps, at 5x 62 % (a one-off check on the issue's split).
+CLASSIFIER_LR_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ProjectedGanConfig:
         variant: EfficientNet-Lite variant of the frozen discriminator features (1: Projected GAN's).
         minibatch_std: each discriminator head sees the spread of its batch.
         mode_seeking: weight of the mode-seeking term (0: off).
+        class_loss: weight of the auxiliary classifier's cross-entropy on generated cells (0: no classifier).
         hierarchical: a slice of z into every generator block.
         augment: DiffAugment operations for every image the discriminator sees.
         sample_every: save a sample grid every this many iterations.
@@ -73,6 +77,7 @@ class ProjectedGanConfig:
     variant: int = 1
     minibatch_std: bool = True
     mode_seeking: float = 1.0
+    class_loss: float = 0.0
     hierarchical: bool = True
     augment: str = "translation,cutout"
     sample_every: int = 250
@@ -88,6 +93,8 @@ class ProjectedGanConfig:
         """Refuse settings training would only fail on, in one line (HematoVisionError)."""
         if self.size != 64:
             raise HematoVisionError(f"the projected GAN draws 64-px cells; got --size {self.size}")
+        if self.class_loss < 0:
+            raise HematoVisionError(f"--class-loss must be 0 or more; got {self.class_loss}")
         if self.batch_size < 2 * classes:
             raise HematoVisionError(f"--batch-size must be at least twice the number of classes ({2 * classes})")
         try:
@@ -157,9 +164,15 @@ def train_projected_gan(
     device = torch.device(device)
     generator = build_generator(config, len(class_names)).to(device)
     generator_ema = copy.deepcopy(generator).eval()
-    discriminator = (discriminator or ProjectedDiscriminator(len(class_names), config.variant, config.minibatch_std)).to(device)
+    discriminator = (discriminator or ProjectedDiscriminator(len(class_names), config.variant, config.minibatch_std,
+                                                             classifier=config.class_loss > 0)).to(device)
+    if (discriminator.classifier is not None) != (config.class_loss > 0):
+        raise ValueError("the discriminator must have a classifier exactly when config.class_loss > 0")
     opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam([p for p in discriminator.parameters() if p.requires_grad], config.lr, betas=(0.0, 0.99))
+    classifier = list(discriminator.classifier.parameters()) if discriminator.classifier is not None else []
+    critic = [p for p in discriminator.parameters() if p.requires_grad and not any(p is c for c in classifier)]
+    opt_d = torch.optim.Adam([{"params": critic}, {"params": classifier, "lr": CLASSIFIER_LR_FACTOR * config.lr}],
+                             config.lr, betas=(0.0, 0.99))
     # Fixed latent vectors for the progress grids (8 per class), independent of the training RNG.
     fixed_z = torch.randn(8 * len(class_names), config.latent_dim, generator=torch.Generator().manual_seed(config.seed))
     fixed_z = fixed_z.to(device)
@@ -198,13 +211,18 @@ def train_projected_gan(
             real = random_dihedral(real, rng)  # a cell has no "up": its 8 orientations are real cells too
             z = torch.randn(config.batch_size, config.latent_dim).to(device)
             fake = generator(z, labels)
-            d_real = discriminator(diff_augment(real, augment), labels)
+            d_real, class_real = discriminator.judge(diff_augment(real, augment), labels)
             d_fake = discriminator(diff_augment(fake.detach(), augment), labels)
             loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()  # hinge loss
+            if class_real is not None:  # the classifier learns from real cells only
+                loss_d = loss_d + F.cross_entropy(class_real, labels)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-            loss_g = -discriminator(diff_augment(fake, augment), labels).mean()
+            d_gen, class_gen = discriminator.judge(diff_augment(fake, augment), labels)
+            loss_g = -d_gen.mean()
+            if class_gen is not None:
+                loss_g = loss_g + config.class_loss * F.cross_entropy(class_gen, labels)
             if config.mode_seeking:
                 loss_g = loss_g + config.mode_seeking * mode_seeking_term(fake, z, len(class_names))
             opt_g.zero_grad(set_to_none=True)
