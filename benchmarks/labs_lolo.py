@@ -101,16 +101,18 @@ def split_lab(root: Path, held_out: str, k: int, seed: int, folder: Path) -> tup
     return folder / "k_cells", folder / "rest"
 
 
-def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: int, adapt: str = "finetune") -> dict:
+def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: int, adapt: str = "finetune",
+             target: float | None = None) -> dict:
     """Adapt the run trained without ``held_out`` on k of its cells per class; score the rest.
 
     ``adapt``: ``finetune`` (what `hematovision adapt --data` does: head-only candidates and the
-    fine-tuned last stages, chosen out-of-fold) or ``head`` (`--no-finetune`).
+    fine-tuned last stages, chosen out-of-fold) or ``head`` (`--no-finetune`). ``target``: adapt's
+    ``--target-accuracy`` (default: the source run's review target).
     """
     from hematovision.adapt.command import adapt_run
     from hematovision.evaluate.external import evaluate_folder
 
-    suffix = "" if adapt == "finetune" else f"_{adapt}"
+    suffix = ("" if adapt == "finetune" else f"_{adapt}") + (f"_t{round(100 * target)}" if target else "")
     cell = out / recipe / "few_shot" / f"{held_out}_k{k}_seed{seed}{suffix}.json"
     if cell.is_file():
         return json.loads(cell.read_text())
@@ -119,13 +121,14 @@ def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: in
     shutil.rmtree(work, ignore_errors=True)
     k_cells, rest = split_lab(root, held_out, k, seed, work / "cells")
     started = time.perf_counter()
-    adaptation = adapt_run(run, work / "adapted", data=k_cells, seed=seed, finetune=adapt == "finetune")
+    adaptation = adapt_run(run, work / "adapted", data=k_cells, seed=seed, finetune=adapt == "finetune",
+                           target_accuracy=target)
     metrics = evaluate_folder(work / "adapted", rest, work / "eval")
     # The issue's k-shot target counts the classes that have k cells to label: a class with fewer
     # (Zheng's one basophil, BCCD's 3 basophils and 20 monocytes) gave half of them or none.
     full = [name for name, n in adaptation["cells"]["per_class"].items() if n >= k]
     recalls = [metrics["per_class"][name]["recall"] for name in full if name in metrics["per_class"]]
-    result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed, "adapt": adapt,
+    result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed, "adapt": adapt, "target_accuracy": target,
               "chosen": adaptation["choice"]["chosen"],
               "morphology": adaptation.get("morphology"),  # the lab's own expert, kept or not (out-of-fold)
               "rest": {key: metrics[key] for key in METRICS}, "review": metrics.get("review"),
@@ -149,6 +152,8 @@ def write_curves(out: Path) -> Path | None:
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for row in rows:
         label = f"{row['recipe']}, adapt {row.get('adapt', 'head')}"
+        if row.get("target_accuracy"):
+            label += f", review target {row['target_accuracy']}"
         groups.setdefault((label, row["held_out"]), {}).setdefault(row["k"], []).append(row)
     zero = {(f"{recipe}, adapt {mode}", lab): row for (recipe, lab), row in zero.items() for mode in ("head", "finetune")}
     lines = ["| recipe | held-out lab | k per class | seeds | balanced acc. (rest of lab) | balanced acc., classes "
@@ -249,6 +254,8 @@ def main() -> None:
     parser.add_argument("--adapt", choices=("finetune", "head"), default="finetune",
                         help="few-shot adaptation: adapt's default (head-only candidates and fine-tuned last stages, "
                              "chosen out-of-fold) or head-only (--no-finetune)")
+    parser.add_argument("--target-accuracy", type=float, default=None,
+                        help="few-shot: adapt's --target-accuracy for the review policy (default: the source run's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = shared_data_dir()
@@ -263,7 +270,7 @@ def main() -> None:
             write_results(args.out)
             for k in args.shots:
                 for seed in range(args.seeds):
-                    cell = few_shot(args.out, recipe, held_out, root, k, seed, args.adapt)
+                    cell = few_shot(args.out, recipe, held_out, root, k, seed, args.adapt, args.target_accuracy)
                     print(f"{recipe:14} {held_out:6} k={k:<3} seed {seed}: bal.acc on the rest "
                           f"{cell['rest']['balanced_accuracy']:.3f}", flush=True)
                 write_curves(args.out)

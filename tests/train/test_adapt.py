@@ -133,6 +133,16 @@ def test_few_shot_adaptation_with_five_cells_per_class(frozen_run: Path, labs: d
                  "--no-finetune"]) == 0
     files = json.loads((again / "model_card.json").read_text())["adaptation"]["cells"]["files_sha256"]
     assert files == adaptation["cells"]["files_sha256"]
+    # A lower accuracy target for the unflagged cells gives a threshold that flags no more cells.
+    lenient = tmp_path / "few_lenient"
+    assert main(["adapt", str(frozen_run), "--out", str(lenient), "--data", str(labs["few"]), "--k-per-class", "5",
+                 "--no-finetune", "--target-accuracy", "0.6"]) == 0
+    lenient_card = json.loads((lenient / "model_card.json").read_text())["adaptation"]
+    assert lenient_card["settings"]["target_accuracy"] == 0.6
+    assert lenient_card["review_threshold"]["target_accuracy"] == 0.6
+    assert adaptation["review_threshold"]["target_accuracy"] == policy["target_accuracy"] != 0.6
+    lenient_policy = json.loads((lenient / "serving.json").read_text())
+    assert lenient_policy["confidence_threshold"] <= policy["confidence_threshold"]
 
 
 def test_fine_tuned_runs_adapt_their_batch_norm(tiny_run: Path, labs: dict[str, Path], tmp_path: Path,
@@ -168,11 +178,12 @@ def _cells(folder: Path, n: int, seed: int = 0) -> Path:
     return write_lab(folder, n, seed=seed, other=True, labelled=False, classes=("neutrophil",))
 
 
-@pytest.mark.parametrize("case", ["empty", "too_few", "non_cells", "unknown_only", "empty_class", "exists"])
+@pytest.mark.parametrize("case", ["empty", "too_few", "non_cells", "unknown_only", "empty_class", "exists",
+                                  "target_unlabelled", "target_range"])
 def test_bad_input_is_one_line_and_exit_2(case: str, frozen_run: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "cells"
-    option = "--unlabelled"
+    option, extra = "--unlabelled", []
     out = tmp_path / "out"
     if case == "empty":
         folder.mkdir()
@@ -195,12 +206,18 @@ def test_bad_input_is_one_line_and_exit_2(case: str, frozen_run: Path, tmp_path:
         _cells(folder / "neutrophil", 3)
         (folder / "lymphocyte").mkdir()
         option, expected = "--data", "has no image files; remove the empty folder"
+    elif case == "target_unlabelled":
+        _cells(folder, 40)
+        extra, expected = ["--target-accuracy", "0.97"], "--target-accuracy needs labelled cells"
+    elif case == "target_range":
+        _cells(folder / "neutrophil", 3)
+        option, extra, expected = "--data", ["--target-accuracy", "97"], "--target-accuracy must be at least 0.5"
     else:
         _cells(folder, 40)
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         expected = "already exists"
-    assert main(["adapt", str(frozen_run), "--out", str(out), option, str(folder)]) == 2
+    assert main(["adapt", str(frozen_run), "--out", str(out), option, str(folder), *extra]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hematovision: error")]
     assert len(lines) == 1 and expected in lines[0], lines
     error = lines[0]

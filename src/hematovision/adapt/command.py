@@ -56,7 +56,7 @@ class AdaptationRefused(HematoVisionError):
 
 def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None = None,
               data: str | Path | None = None, k_per_class: int | None = None, seed: int = 0,
-              entropy_epochs: int = 0, finetune: bool = True) -> dict[str, Any]:
+              entropy_epochs: int = 0, finetune: bool = True, target_accuracy: float | None = None) -> dict[str, Any]:
     """Adapt the run in ``source`` to a lab's cells and write the new run folder ``out``.
 
     Args:
@@ -69,6 +69,8 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         entropy_epochs: unlabelled only: passes of entropy minimisation after the statistics (0: off).
         finetune: few-shot only: also try fine-tuning the backbone's last stages (kept when it wins
             out-of-fold; :mod:`hematovision.adapt.finetune`).
+        target_accuracy: few-shot only: the accuracy wanted of the cells the recalibrated review policy
+            does not flag (default: the source policy's target, else ``TARGET_ACCURACY``). Lower flags fewer.
 
     Returns:
         ``card.adaptation`` of the new run.
@@ -81,6 +83,11 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
     source, out = Path(source), Path(out)
     if (unlabelled is None) == (data is None):
         raise HematoVisionError("give the lab's cells with --unlabelled DIR or with --data DIR (labelled), one of them")
+    if target_accuracy is not None and not 0.5 <= target_accuracy < 1:
+        raise HematoVisionError(f"--target-accuracy must be at least 0.5 and below 1, got {target_accuracy}")
+    if target_accuracy is not None and data is None:
+        raise HematoVisionError("--target-accuracy needs labelled cells (--data): without labels the review "
+                                "threshold is not recalibrated")
     if k_per_class is not None and k_per_class < 1:
         raise HematoVisionError(f"--k-per-class must be at least 1, got {k_per_class}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -95,13 +102,13 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         result = _unlabelled(card, model, Path(unlabelled), source_policy, entropy_epochs, seed)
     else:
         assert data is not None
-        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed, finetune)
+        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed, finetune, target_accuracy)
     model, adaptation, temperature = result["model"], result["adaptation"], result["temperature"]
     if dropped:
         adaptation["adapted"].append(dropped)
     adaptation.update({"source_run": str(source.resolve()), "source_sha256": card.weights_sha256,
                        "settings": {"k_per_class": k_per_class, "seed": seed, "entropy_epochs": entropy_epochs,
-                                    "finetune": finetune},
+                                    "finetune": finetune, "target_accuracy": target_accuracy},
                        "seconds": round(time.perf_counter() - started, 1)})
     new_card = replace(card, **result.get("card", {}), temperature=temperature, metrics=result.get("metrics", {}),
                        adaptation=adaptation,
@@ -200,7 +207,8 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
 
 
 def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
-              k_per_class: int | None, seed: int, finetune: bool = True) -> dict[str, Any]:
+              k_per_class: int | None, seed: int, finetune: bool = True,
+              target_accuracy: float | None = None) -> dict[str, Any]:
     prep, views, names = card.preprocessing, card.tta, card.class_names
     cells = read_labelled(folder, names, prep, k_per_class, seed)
     _require_cells(cells, folder, MIN_LABELLED, "labelled ")
@@ -237,7 +245,8 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
     if finetune:
         tuned = _fine_tune_if_it_pays(card, model, cells.images, labels, cells.missing_classes, choice, seed)
         if tuned is not None:
-            return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned, seed=seed)
+            return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned, seed=seed,
+                                    target_accuracy=target_accuracy)
 
     adapted = []
     if choice.norm == "lab":
@@ -274,7 +283,8 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         # the lab's other cells on their own statistics again.
         changes["frozen"] = replace(card.frozen, standardisation="training")
     return _few_shot_result(card, cells, folder, source_policy, logits0, features0, model, adapted, choice_record,
-                            choice.oof_logits, choice.features, missing, changes, seed=seed)
+                            choice.oof_logits, choice.features, missing, changes, seed=seed,
+                            target_accuracy=target_accuracy)
 
 
 def _lab_reference(features: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any] | None:
@@ -298,7 +308,7 @@ def _lab_reference(features: np.ndarray, labels: np.ndarray, seed: int) -> dict[
 def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_policy: ReviewPolicy | None,
                      logits0: np.ndarray, features0: np.ndarray, model: torch.nn.Module, adapted: list[str],
                      choice_record: dict[str, Any], oof_logits: np.ndarray, features: np.ndarray, missing: str,
-                     card_changes: dict[str, Any], seed: int) -> dict[str, Any]:
+                     card_changes: dict[str, Any], seed: int, target_accuracy: float | None = None) -> dict[str, Any]:
     """Temperature, review threshold, before/after numbers and the card's record of a few-shot adaptation.
 
     A run with a morphology expert gets the lab's own one when it pays out-of-fold
@@ -312,7 +322,8 @@ def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_poli
         oof_logits, morphology, morphology_record = lab_expert(card, measured, labels, oof_logits, folder.name, seed)
         card_changes = {**card_changes, "morphology": morphology}
         adapted = adapted + ([morphology_record] if morphology is not None else [])
-    target = float((source_policy.info.get("target_accuracy") if source_policy else None) or TARGET_ACCURACY)
+    target = float(target_accuracy or (source_policy.info.get("target_accuracy") if source_policy else None)
+                   or TARGET_ACCURACY)
     temperature, threshold, policy_info = threshold_and_temperature(oof_logits, labels, target)
     adapted = adapted + ["temperature recalibrated on the lab's cells (out-of-fold)",
                          "review policy's confidence threshold recalibrated on the lab's cells (out-of-fold)"]

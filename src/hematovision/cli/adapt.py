@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     adapt.add_argument("--no-finetune", dest="finetune", action="store_false",
                        help="--data only: do not try fine-tuning the backbone's last stages (faster: seconds "
                             "instead of minutes; by default it is tried and kept only when it wins out-of-fold)")
+    adapt.add_argument("--target-accuracy", type=float, metavar="A",
+                       help="--data only: accuracy wanted of the cells the recalibrated review policy does not flag "
+                            "(default: the source run's policy, usually 0.99; 0.97 flags far fewer cells)")
     adapt.add_argument("--seed", type=int, default=0)
     return adapt
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print("hematovision adapt: --entropy-epochs applies to --unlabelled only; ignored")
     result = adapt_run(args.run_dir, args.out, unlabelled=args.unlabelled, data=args.data,
                        k_per_class=args.k_per_class, seed=args.seed, entropy_epochs=args.entropy_epochs,
-                       finetune=args.finetune)
+                       finetune=args.finetune, target_accuracy=args.target_accuracy)
     cells = result["cells"]
     excluded = cells["excluded"]
     reasons = ", ".join(f"{n} {why}" for why, n in excluded["reasons"].items())
