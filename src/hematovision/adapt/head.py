@@ -186,53 +186,13 @@ def threshold_and_temperature(oof_logits: np.ndarray, labels: np.ndarray, target
         ``(temperature, threshold, info)``; ``info`` has the out-of-fold coverage and accuracy of
         the cells the threshold accepts.
     """
+    from hematovision.export.calibrate import confidence_threshold_for
+
     temperature = fit_temperature(oof_logits, labels)
     probs = softmax(oof_logits, temperature)
-    threshold, coverage, accepted, rule = smoothed_threshold_for(probs.max(1), probs.argmax(1) == labels, target_accuracy)
+    threshold, coverage, accepted = confidence_threshold_for(probs.max(1), probs.argmax(1) == labels, target_accuracy)
     return temperature, threshold, {"coverage": coverage, "accepted_accuracy": accepted,
-                                    "target_accuracy": target_accuracy, "rule": rule}
-
-
-def smoothed_threshold_for(confidences: np.ndarray, correct: np.ndarray, target_accuracy: float
-                           ) -> tuple[float, float, float, str]:
-    """The review threshold from a few dozen out-of-fold cells, on a fitted curve of being right.
-
-    :func:`hematovision.export.calibrate.confidence_threshold_for` walks the cells from the most
-    confident down and keeps the longest run whose accuracy reaches the target. With a few hundred
-    validation cells that is fine; with k = 20 cells per class one wrong cell near the top decides it,
-    and the same lab flagged 100 % or 10 % of its cells depending on the draw. Here the chance of
-    being right is a logistic curve in the confidence's log-odds, fitted on the cells, and the
-    threshold is the lowest at which the accepted cells' mean fitted chance reaches the target. The
-    plain rule is kept when the cells cannot fit such a curve (all right, all wrong, or confidence
-    that does not rank them).
-
-    Returns:
-        ``(threshold, coverage, accuracy, rule)``: coverage and accuracy as measured on the cells,
-        ``rule`` "fitted" or "empirical".
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    from hematovision.export.calibrate import confidence_threshold_for
-    from hematovision.infer.policy import DEFAULT_CONFIDENCE_THRESHOLD
-
-    confidences = np.asarray(confidences, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    if correct.all() or not correct.any():
-        return (*confidence_threshold_for(confidences, correct, target_accuracy), "empirical")
-    clipped = np.clip(confidences, 1e-6, 1 - 1e-6)
-    log_odds = np.log(clipped / (1 - clipped))[:, None]
-    curve = LogisticRegression(C=1e4).fit(log_odds, correct)
-    if curve.coef_[0, 0] <= 0:
-        return (*confidence_threshold_for(confidences, correct, target_accuracy), "empirical")
-    chance = curve.predict_proba(log_odds)[:, 1]
-    order = np.argsort(-confidences, kind="stable")
-    expected = np.cumsum(chance[order]) / np.arange(1, len(order) + 1)  # falls as the threshold is lowered
-    meeting = np.flatnonzero(expected >= target_accuracy)
-    threshold = float(confidences[order][meeting[-1]]) if len(meeting) else 1.0
-    threshold = max(threshold, DEFAULT_CONFIDENCE_THRESHOLD)
-    accepted = confidences >= threshold
-    accuracy = float(correct[accepted].mean()) if accepted.any() else float("nan")
-    return min(threshold, 1.0), float(accepted.mean()), accuracy, "fitted"
+                                    "target_accuracy": target_accuracy}
 
 
 def summarise(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
