@@ -124,6 +124,12 @@ def test_auxiliary_classifier_learns_the_classes_and_its_run_resumes(tmp_path) -
     assert card["iterations"] == 4 and card["config"]["class_loss"] == 0.5
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["discriminator"]
     assert any(key.startswith("classifier.") for key in saved)
+    # One optimiser group without a classifier, as in checkpoints saved before the option existed.
+    train_projected_gan(images, tmp_path / "plain", _tiny_config(iterations=1), progress=False,
+                        discriminator=_discriminator())
+    plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    assert len(plain["opt_d"]["param_groups"]) == 1
+    assert len(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["opt_d"]["param_groups"]) == 2
     with pytest.raises(ValueError, match="classifier exactly when"):
         train_projected_gan(images, tmp_path / "other", config, progress=False, discriminator=_discriminator())
     with pytest.raises(HematoVisionError, match="--class-loss"):

@@ -396,9 +396,12 @@ def _gan_text(metrics: dict) -> str:
     if metrics.get("gan_kind") == KIND:
         switches = [name for name, on in (("hierarchical z", config["hierarchical"]),
                                           ("minibatch std", config["minibatch_std"])) if on]
+        weight = config.get("class_loss", 0.0)  # absent from runs trained before the option existed
+        classifier = f"auxiliary classifier (weight {weight}), " if weight else ""
         return (f"one class-conditional generator (width {config['width']}, latent {config['latent_dim']}, "
                 f"{', '.join(switches) or 'plain z'}), Projected-GAN discriminator on frozen EfficientNet-Lite"
-                f"{config['variant']} stages, hinge loss, mode seeking {config['mode_seeking']}, batch "
+                f"{config['variant']} stages, hinge loss, mode seeking {config['mode_seeking']}, "
+                f"{classifier}batch "
                 f"{config['batch_size']}, up to {config['iterations']} iterations (done: see table), Adam lr "
                 f"{config['lr']}, EMA {config['ema']}, DiffAugment {config['augment'] or 'none'}")
     return (f"DCGAN width {config['width']}, latent {config['latent_dim']}, batch {config['batch_size']}, "

@@ -169,10 +169,15 @@ def train_projected_gan(
     if (discriminator.classifier is not None) != (config.class_loss > 0):
         raise ValueError("the discriminator must have a classifier exactly when config.class_loss > 0")
     opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=(0.0, 0.99))
-    classifier = list(discriminator.classifier.parameters()) if discriminator.classifier is not None else []
-    critic = [p for p in discriminator.parameters() if p.requires_grad and not any(p is c for c in classifier)]
-    opt_d = torch.optim.Adam([{"params": critic}, {"params": classifier, "lr": CLASSIFIER_LR_FACTOR * config.lr}],
-                             config.lr, betas=(0.0, 0.99))
+    trainable = [p for p in discriminator.parameters() if p.requires_grad]
+    groups: list[dict] = [{"params": trainable}]
+    if discriminator.classifier is not None:
+        # A second group only with a classifier: a run without one keeps the single group its
+        # checkpoints were saved with, so runs started before the classifier existed still resume.
+        classifier = {id(p) for p in discriminator.classifier.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in classifier]},
+                  {"params": list(discriminator.classifier.parameters()), "lr": CLASSIFIER_LR_FACTOR * config.lr}]
+    opt_d = torch.optim.Adam(groups, config.lr, betas=(0.0, 0.99))
     # Fixed latent vectors for the progress grids (8 per class), independent of the training RNG.
     fixed_z = torch.randn(8 * len(class_names), config.latent_dim, generator=torch.Generator().manual_seed(config.seed))
     fixed_z = fixed_z.to(device)
