@@ -130,6 +130,8 @@ def few_shot(out: Path, recipe: str, held_out: str, root: Path, k: int, seed: in
     recalls = [metrics["per_class"][name]["recall"] for name in full if name in metrics["per_class"]]
     result = {"recipe": recipe, "held_out": held_out, "k": k, "seed": seed, "adapt": adapt, "target_accuracy": target,
               "chosen": adaptation["choice"]["chosen"],
+              # every candidate's out-of-fold score, the fine-tune's beside the head-only choice's
+              "candidates": adaptation["choice"]["candidates"],
               "morphology": adaptation.get("morphology"),  # the lab's own expert, kept or not (out-of-fold)
               "rest": {key: metrics[key] for key in METRICS}, "review": metrics.get("review"),
               "lab_shift": metrics.get("lab_shift"),  # the adapted run on the rest of its own lab

@@ -82,6 +82,29 @@ def test_adapt_scores_fine_tuning_out_of_fold_and_writes_a_fine_tuned_run(
     assert main(["evaluate", str(out), "--data", str(lab_cells), "--out", str(tmp_path / "ev")]) == 0
 
 
+def test_the_head_only_choice_is_refitted_on_the_fine_tunes_folds() -> None:
+    # The fine-tune is compared with the head-only choice on the same held-out cells: refitted on the
+    # choice's own folds it must give back exactly the choice's out-of-fold logits, and on other folds
+    # each held-out cell must be scored by a head that never saw it.
+    from hematovision.adapt.head import _anchors, choose_head, fit_linear, fold_indices, refit_on_folds
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    features = rng.normal(size=(30, 6)) + np.eye(3, 6)[labels] * 2.0
+    weight0, bias0 = rng.normal(size=(3, 6)).astype(np.float32), np.zeros(3, np.float32)
+    makers = {"source": lambda train: features}
+    choice = choose_head(makers, labels, weight0, bias0, seed=0)
+    assert choice.prior is not None  # a refitted head, so the folds matter
+    own = fold_indices(labels, 0)[0]
+    assert np.allclose(refit_on_folds(choice, makers, labels, own, weight0, bias0), choice.oof_logits, atol=1e-5)
+    other = fold_indices(labels, 1, folds=3, leave_one_out_up_to=0)[0]
+    refitted = refit_on_folds(choice, makers, labels, other, weight0, bias0)
+    assert not np.allclose(refitted, choice.oof_logits, atol=1e-3)
+    train, test = other[0]
+    weight, bias = fit_linear(features[train], labels[train], *_anchors(weight0, bias0)[choice.anchor], choice.prior)
+    assert np.allclose(refitted[test], features[test] @ weight.T + bias, atol=1e-5)
+
+
 def test_fine_tuning_wins_only_when_strictly_better() -> None:
     from hematovision.adapt.command import fine_tuning_wins
 

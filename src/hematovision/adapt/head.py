@@ -90,7 +90,7 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
     """
     from sklearn.metrics import balanced_accuracy_score
 
-    anchors = {"source": (weight0, bias0), "zero": (np.zeros_like(weight0), np.zeros_like(bias0))}
+    anchors = _anchors(weight0, bias0)
     heads: list[tuple[str, float | None]] = [("source", None)]
     heads += [(anchor, prior) for anchor in ANCHORS for prior in PRIOR_STRENGTHS]
     folds, how = fold_indices(labels, seed)
@@ -124,6 +124,27 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
                         [{k: v for k, v in r.items() if k != "_oof"} for r in results])
     log.info("few-shot choice: %s (%s)", choice.describe(), how)
     return choice
+
+
+def refit_on_folds(choice: HeadChoice, makers: dict[str, FeatureMaker], labels: np.ndarray,
+                   folds: Sequence[tuple[np.ndarray, np.ndarray]], weight0: np.ndarray, bias0: np.ndarray) -> np.ndarray:
+    """Out-of-fold logits (N, K) of the chosen candidate on other ``folds``, refitted on each fold's training cells.
+
+    Scores the head-only choice on the folds of another candidate (the fine-tune's), so that the two
+    are compared on the same held-out cells after training on the same number of cells.
+    """
+    make = makers[choice.norm]
+    oof = np.zeros((len(labels), len(bias0)))
+    for train, test in folds:
+        features = make(train)
+        weight, bias = (weight0, bias0) if choice.prior is None else fit_linear(
+            features[train], labels[train], *_anchors(weight0, bias0)[choice.anchor], choice.prior)
+        oof[test] = features[test] @ weight.T + bias
+    return oof
+
+
+def _anchors(weight0: np.ndarray, bias0: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {"source": (weight0, bias0), "zero": (np.zeros_like(weight0), np.zeros_like(bias0))}
 
 
 def fit_linear(features: np.ndarray, labels: np.ndarray, weight0: np.ndarray, bias0: np.ndarray, prior: float,
