@@ -90,7 +90,6 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
     """
     from sklearn.metrics import balanced_accuracy_score
 
-    anchors = _anchors(weight0, bias0)
     heads: list[tuple[str, float | None]] = [("source", None)]
     heads += [(anchor, prior) for anchor in ANCHORS for prior in PRIOR_STRENGTHS]
     folds, how = fold_indices(labels, seed)
@@ -100,11 +99,7 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
     for norm, make in makers.items():
         fold_features = [make(train) for train, _ in folds]
         for anchor, prior in heads:
-            oof = np.zeros((len(labels), len(bias0)))
-            for (train, test), features in zip(folds, fold_features):
-                weight, bias = (weight0, bias0) if prior is None else fit_linear(
-                    features[train], labels[train], *anchors[anchor], prior)
-                oof[test] = features[test] @ weight.T + bias
+            oof = _out_of_fold(fold_features, folds, labels, anchor, prior, weight0, bias0)
             with warnings.catch_warnings():  # a class the model knows but the lab's cells lack is predicted
                 warnings.simplefilter("ignore", UserWarning)
                 balanced = float(balanced_accuracy_score(labels, oof.argmax(1)))
@@ -118,8 +113,7 @@ def choose_head(makers: dict[str, FeatureMaker], labels: np.ndarray, weight0: np
     assert best is not None
     chosen = results[best[1]]
     features = makers[chosen["norm"]](everything)
-    weight, bias = (weight0, bias0) if chosen["prior"] is None else fit_linear(
-        features, labels, *anchors[chosen["anchor"]], chosen["prior"])
+    weight, bias = _head_for(features, labels, chosen["anchor"], chosen["prior"], weight0, bias0)
     choice = HeadChoice(chosen["norm"], chosen["anchor"], chosen["prior"], weight, bias, features, chosen["_oof"], how,
                         [{k: v for k, v in r.items() if k != "_oof"} for r in results])
     log.info("few-shot choice: %s (%s)", choice.describe(), how)
@@ -134,13 +128,26 @@ def refit_on_folds(choice: HeadChoice, makers: dict[str, FeatureMaker], labels: 
     are compared on the same held-out cells after training on the same number of cells.
     """
     make = makers[choice.norm]
+    return _out_of_fold([make(train) for train, _ in folds], folds, labels, choice.anchor, choice.prior, weight0, bias0)
+
+
+def _out_of_fold(fold_features: Sequence[np.ndarray], folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                 labels: np.ndarray, anchor: str, prior: float | None, weight0: np.ndarray, bias0: np.ndarray
+                 ) -> np.ndarray:
+    """Out-of-fold logits (N, K) of one candidate head; ``fold_features[i]``: all cells' features for fold i."""
     oof = np.zeros((len(labels), len(bias0)))
-    for train, test in folds:
-        features = make(train)
-        weight, bias = (weight0, bias0) if choice.prior is None else fit_linear(
-            features[train], labels[train], *_anchors(weight0, bias0)[choice.anchor], choice.prior)
+    for (train, test), features in zip(folds, fold_features):
+        weight, bias = _head_for(features[train], labels[train], anchor, prior, weight0, bias0)
         oof[test] = features[test] @ weight.T + bias
     return oof
+
+
+def _head_for(features: np.ndarray, labels: np.ndarray, anchor: str, prior: float | None, weight0: np.ndarray,
+              bias0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One candidate's final layer fitted on ``features``: the source head as it is when ``prior`` is None."""
+    if prior is None:
+        return weight0, bias0
+    return fit_linear(features, labels, *_anchors(weight0, bias0)[anchor], prior)
 
 
 def _anchors(weight0: np.ndarray, bias0: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
