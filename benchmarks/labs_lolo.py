@@ -38,6 +38,10 @@ RECIPES: dict[str, dict] = {
     # network; measured on the prepared pixels, so without Reinhard, which distorts what it measures.
     "scale_lab_morph": {"cell_scale": 0.38, "lab_standardise": True, "morphology": True},
     "scale_stain_lab_morph": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True, "morphology": True},
+    # The same, plus the network `adapt --data` fine-tunes from: the last stages trained on the other
+    # labs' cells (`train --few-shot-start`) instead of ImageNet's (the recommended recipe since 2026-12-05).
+    "scale_stain_lab_morph_start": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True,
+                                    "morphology": True, "few_shot_start": 1000},
     "scale_augment": {"cell_scale": 0.38, "augment_copies": 2},
     # The recommended recipe with the features of 2 stain- and optics-augmented copies of each image.
     "scale_stain_lab_morph_aug": {"cell_scale": 0.38, "stain_norm": "reinhard", "lab_standardise": True,

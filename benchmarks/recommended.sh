@@ -7,7 +7,9 @@
 # (each lab's features standardised on its own class-balanced statistics; `evaluate` standardises a
 # new lab's folder on its own cells when the lab-shift score warns) and the morphology expert (each
 # cell's measured nucleus share, lobes, hues and graininess: a small head fused with the network's
-# on another lab's cells). Then, for a new lab:
+# on another lab's cells), plus the network `adapt --data` fine-tunes a new lab's cells from: the
+# backbone's last stages fine-tuned on the training cells (--few-shot-start, ~12 min), so few-shot
+# adaptation starts from white-cell features rather than ImageNet's. Then, for a new lab:
 #   hematovision evaluate OUT_DIR --data LAB                       # zero-shot
 #   hematovision adapt OUT_DIR --data K_CELLS --out ADAPTED        # k labelled cells per class
 #   hematovision evaluate ADAPTED --data REST_OF_LAB
@@ -24,7 +26,7 @@ export OMP_WAIT_POLICY=PASSIVE
 start=$(date +%s)
 .venv/bin/hematovision train --data "$data/pbc_dev" --data "$data/bccd_wbc_crops" --data "$data/wbc_seg_zheng/dataset1" \
     --classes basophil,eosinophil,lymphocyte,monocyte,neutrophil --mode frozen --cell-scale 0.38 --stain-norm reinhard \
-    --lab-standardise --morphology --seed 0 --out "$out"
+    --lab-standardise --morphology --few-shot-start --seed 0 --out "$out"
 # The review policy (confidence and out-of-distribution thresholds, calibrated on the validation
 # split): `evaluate` reports what it flags, and `adapt` recalibrates it on a new lab's cells.
 .venv/bin/hematovision export "$out" --format none

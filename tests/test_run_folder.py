@@ -86,6 +86,8 @@ def test_format_1_cards_migrate(run_copy: Path) -> None:
     (lambda c: c.update(surprise=1), "surprise"),
     (lambda c: c.update(files={MODEL_FILE: {"sha256": "not-a-hash"}}), "sha256"),
     (lambda c: c.update(mode="frozen"), "frozen"),
+    (lambda c: c.update(few_shot_start={"steps": 5}), "few_shot_start"),  # not frozen, and no sha256 in files
+    (lambda c: c.update(few_shot_start=[5]), "few_shot_start"),
 ])
 def test_broken_cards_are_one_clear_error(run_copy: Path, change, message: str,
                                           capsys: pytest.CaptureFixture) -> None:

@@ -9,6 +9,8 @@ A run folder is what ``hematovision train`` writes and every other command reads
       train_config.json    the resolved training settings
       metrics.json, report.md, *.png, val/   evaluation of the held-out split
       last.safetensors, train_state.pt       fine-tuning only: what ``--resume`` continues from
+      few_shot_start.safetensors   ``train --few-shot-start`` (frozen mode): the network ``adapt --data``
+                           fine-tunes from; its sha256 is in the card's ``files`` too
       model.onnx, model.int8.onnx, export.json, serving.json, ood.npz   written by ``hematovision export``
       model.xml, model.bin   the OpenVINO IR of model.onnx (``hematovision export``, when openvino is installed)
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
+FEW_SHOT_START_FILE = "few_shot_start.safetensors"
 STATE_FILE = "train_state.pt"
 CARD_FILE = "model_card.json"
 SPLIT_FILE = "split.csv"
@@ -127,6 +130,8 @@ class ModelCard:
             warning threshold (see :mod:`hematovision.infer.shift`).
         morphology: the morphology expert fused with the network's logits (``train --morphology``;
             see :mod:`hematovision.infer.morphology`).
+        few_shot_start: a frozen run's network for few-shot fine-tuning (``train --few-shot-start``):
+            how it was trained; the weights are ``few_shot_start.safetensors``, their sha256 in ``files``.
         hematovision_version, created, torch, platform, train_seconds: provenance.
         format: the card format version.
     """
@@ -148,6 +153,7 @@ class ModelCard:
     adaptation: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
     morphology: dict[str, Any] | None = None
+    few_shot_start: dict[str, Any] | None = None
     hematovision_version: str = ""
     created: str = ""
     torch: str = ""
@@ -229,7 +235,7 @@ class ModelCard:
         for name in ("data", "metrics", "files"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(f"{name} must be a JSON object")
-        for name in ("finetune", "adaptation", "shift"):
+        for name in ("finetune", "adaptation", "shift", "few_shot_start"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise bad(f"{name} must be a JSON object or absent")
         if self.morphology is not None:
@@ -251,6 +257,10 @@ class ModelCard:
         sha = self.weights_sha256
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
             raise bad(f"files.{MODEL_FILE}.sha256 is not a sha256 digest")
+        if self.few_shot_start is not None:
+            start_sha = self.files.get(FEW_SHOT_START_FILE, {}).get("sha256")
+            if self.mode != "frozen" or not (isinstance(start_sha, str) and re.fullmatch(r"[0-9a-f]{64}", start_sha)):
+                raise bad(f"few_shot_start belongs to a frozen run whose files give {FEW_SHOT_START_FILE}'s sha256")
 
 
 def _preprocessing(data: Any) -> Preprocessing:

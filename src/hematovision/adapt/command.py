@@ -41,7 +41,18 @@ from hematovision.infer.policy import ReviewPolicy
 from hematovision.infer.runtime import classifier_layer
 from hematovision.infer.shift import ShiftReference, fit_reference_out_of_fold, head_inputs
 from hematovision.models.frozen import FrozenClassifier
-from hematovision.run import CONFIG_FILE, MODEL_FILE, SPLIT_FILE, UNREADABLE_FILE, ModelCard, load_run, save_weights, write_card
+from hematovision.run import (
+    CONFIG_FILE,
+    FEW_SHOT_START_FILE,
+    MODEL_FILE,
+    SPLIT_FILE,
+    UNREADABLE_FILE,
+    ModelCard,
+    check_weights,
+    load_run,
+    save_weights,
+    write_card,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +114,7 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
         result = _unlabelled(card, model, Path(unlabelled), source_policy, entropy_epochs, seed)
     else:
         assert data is not None
-        result = _few_shot(card, model, Path(data), source_policy, k_per_class, seed, finetune, target_accuracy)
+        result = _few_shot(card, model, source, Path(data), source_policy, k_per_class, seed, finetune, target_accuracy)
     model, adaptation, temperature = result["model"], result["adaptation"], result["temperature"]
     if dropped:
         adaptation["adapted"].append(dropped)
@@ -112,9 +123,10 @@ def adapt_run(source: str | Path, out: str | Path, unlabelled: str | Path | None
                                     "finetune": finetune, "target_accuracy": target_accuracy},
                        "seconds": round(time.perf_counter() - started, 1)})
     new_card = replace(card, **result.get("card", {}), temperature=temperature, metrics=result.get("metrics", {}),
-                       adaptation=adaptation,
-                       files={}, hematovision_version=hematovision.__version__,
+                       adaptation=adaptation, files={}, hematovision_version=hematovision.__version__,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__)
+    if new_card.few_shot_start is not None:  # still a frozen run: a later adapt --data can start from it too
+        new_card.files = {FEW_SHOT_START_FILE: card.files[FEW_SHOT_START_FILE]}
     _write_run(source, out, model, new_card, result)
     return adaptation
 
@@ -207,7 +219,7 @@ def _unlabelled(card: ModelCard, model: torch.nn.Module, folder: Path, source_po
     return result
 
 
-def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_policy: ReviewPolicy | None,
+def _few_shot(card: ModelCard, model: torch.nn.Module, source: Path, folder: Path, source_policy: ReviewPolicy | None,
               k_per_class: int | None, seed: int, finetune: bool = True,
               target_accuracy: float | None = None) -> dict[str, Any]:
     prep, views, names = card.preprocessing, card.tta, card.class_names
@@ -247,7 +259,8 @@ def _few_shot(card: ModelCard, model: torch.nn.Module, folder: Path, source_poli
         def head_on(folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
             return refit_on_folds(choice, makers, labels, folds, weight0, bias0)
 
-        tuned = _fine_tune_if_it_pays(card, model, cells.images, labels, cells.missing_classes, choice, head_on, seed)
+        tuned = _fine_tune_if_it_pays(card, model, source, cells.images, labels, cells.missing_classes, choice,
+                                      head_on, seed)
         if tuned is not None:
             return _few_shot_result(card, cells, folder, source_policy, logits0, features0, *tuned, seed=seed,
                                     target_accuracy=target_accuracy)
@@ -362,7 +375,7 @@ def _few_shot_result(card: ModelCard, cells: LabCells, folder: Path, source_poli
             "metrics": metrics, "evaluation": (labels, oof_probs), "card": card_changes}
 
 
-def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, source: Path, images: np.ndarray, labels: np.ndarray,
                           missing_classes: list[str], choice: HeadChoice,
                           head_on: Callable[[list[tuple[np.ndarray, np.ndarray]]], np.ndarray],
                           seed: int) -> tuple | None:
@@ -381,7 +394,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     from hematovision.adapt import finetune as ft
     from hematovision.adapt.head import fold_indices
 
-    why_not = ft.can_finetune(card)
+    why_not = ft.can_finetune(card.backbone)
     if why_not is None and len(labels) <= ft.MIN_CELLS:
         why_not = f"{len(labels)} labelled cells are too few (more than {ft.MIN_CELLS} needed)"
     if why_not is not None:
@@ -390,7 +403,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
         return None
     folds, how = fold_indices(labels, seed, folds=ft.FOLDS, leave_one_out_up_to=0)
     settings = ft.FineTuneSettings()
-    start = ft.starting_network(card, model)
+    start = ft.starting_network(card, model, source)
     num_classes = len(card.class_names)
     oof = np.zeros((len(labels), num_classes))
     fold_features = []  # (the fold's training cells, its held-out cells): the lab-shift threshold
@@ -429,13 +442,13 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, images: np.nd
     shift = fit_reference_out_of_fold(features, fold_features, np.concatenate([labels[test] for _, test in folds]),
                                       seed=seed, labels=labels, fold_labels=[labels[train] for train, _ in folds])
     missing = "never predicted: the new head has not seen them" if missing_classes else ""
-    started_from = "the source run's weights" if card.mode == "finetune" else "ImageNet weights (the frozen run's backbone)"
+    started_from = ft.started_from(card, source)
     adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "
                f"{started_from}, {settings.steps} steps with stain and optics augmentation"]
     choice_record = {"chosen": f"fine-tuned: the last {settings.stages} stages and a new head",
                      "norm": "fine-tuned", "anchor": None, "prior": None, "folds": how,
                      "candidates": choice.candidates}
-    changes = {"mode": "finetune", "frozen": None, "shift": shift, "pretrained": True,
+    changes = {"mode": "finetune", "frozen": None, "shift": shift, "pretrained": True, "few_shot_start": None,
                "finetune": {"few_shot": {**asdict(settings), "started_from": started_from}},
                "weights": f"{card.weights or card.backbone}; then fine-tuned on a lab's labelled cells (adapt)"}
     return tuned, adapted, choice_record, oof, features, missing, changes
@@ -522,8 +535,8 @@ def _write_run(source: Path, out: Path, model: torch.nn.Module, card: ModelCard,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for name in (SPLIT_FILE, CONFIG_FILE, UNREADABLE_FILE):
-            if (source / name).is_file():
+        for name in (SPLIT_FILE, CONFIG_FILE, UNREADABLE_FILE, FEW_SHOT_START_FILE):
+            if (source / name).is_file() and (name != FEW_SHOT_START_FILE or card.few_shot_start is not None):
                 shutil.copy2(source / name, tmp / name)
         save_weights(model.eval(), tmp / MODEL_FILE)
         write_card(tmp, card)
@@ -539,6 +552,8 @@ def _write_run(source: Path, out: Path, model: torch.nn.Module, card: ModelCard,
                              f"{card.backbone} ({card.mode}) adapted — the lab's cells, out-of-fold",
                              {"run": str(out), "source run": str(source), "split": card.metrics.get("split", "")})
         load_run(tmp)  # the folder is complete and its weights match its card
+        if card.few_shot_start is not None:
+            check_weights(tmp / FEW_SHOT_START_FILE, card.files[FEW_SHOT_START_FILE]["sha256"])
         if out.exists():
             out.rmdir()  # empty (checked before)
         os.replace(tmp, out)

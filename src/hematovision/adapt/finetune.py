@@ -6,131 +6,52 @@ cells per class of Zheng's lab (leave-one-lab-out, docs/labs.md) a new linear he
 ImageNet features reached balanced accuracy 0.80 at best, while training the last four stages of
 EfficientNet-Lite0 together with a new head on the same cells reached 0.92. So the few-shot
 adaptation also tries this, scored out-of-fold beside the head-only candidates, and keeps it only
-when it wins there.
+when it wins there. The loop itself is :func:`hematovision.train.last_stages.fine_tune`.
 
-What is trained, and why:
-
-* the network starts from the source run's backbone: a fine-tuned run's own weights, or for a frozen
-  run the ImageNet weights its features come from (a frozen run's backbone *is* ImageNet's);
-* the last :data:`STAGES` stages, the final 1x1 convolution and a new classifier learn; the earlier
-  stages stay frozen, with their batch-norm statistics (a hundred cells cannot re-estimate them);
-* every step sees the lab's cells under random dihedral views and stain and optics changes
-  (:func:`hematovision.data.stain.augment_stain`), so the few cells stand for the lab's variation;
-  the cells are already scale- and stain-normalised by the run's preprocessing, so no zoom crops;
-* a fixed number of optimisation steps, whatever the number of cells, so the time is bounded
-  (about a minute on 2 CPU cores at 224 px); classes are weighted by their inverse frequency.
+The network starts from the source run's: a fine-tuned run's own weights; for a frozen run, its
+few-shot start when it has one (``train --few-shot-start``: ImageNet's last stages already trained on
+the run's training cells), else the ImageNet weights its features come from.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import time
-from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from hematovision.data.transforms import Preprocessing, dihedral, normalize
-from hematovision.errors import HematoVisionError
 from hematovision.run import ModelCard
+from hematovision.train.last_stages import STAGES, FineTuneSettings, can_finetune, fine_tune
 
-log = logging.getLogger(__name__)
+__all__ = ["FOLDS", "MIN_CELLS", "STAGES", "FineTuneSettings", "can_finetune", "fine_tune", "started_from",
+           "starting_network"]
 
-STAGES = 4  # trainable stages at the end of the backbone (EfficientNet-Lite0 has 7)
-STEPS = 250  # optimisation steps per fit (about 40 epochs of 100 cells)
-BATCH = 16
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 1e-2
-LABEL_SMOOTHING = 0.1
 MIN_CELLS = 12  # fewer labelled cells cannot train four stages; the head-only candidates stay
 FOLDS = 3  # out-of-fold scoring costs a fit per fold: three, not the head's five
 
 
-@dataclass(frozen=True)
-class FineTuneSettings:
-    """How a few-shot fine-tune trains (recorded in the adapted run's card)."""
-
-    stages: int = STAGES
-    steps: int = STEPS
-    batch_size: int = BATCH
-    learning_rate: float = LEARNING_RATE
-    weight_decay: float = WEIGHT_DECAY
-    label_smoothing: float = LABEL_SMOOTHING
-
-
-def can_finetune(card: ModelCard) -> str | None:
-    """Why this run cannot be fine-tuned on a lab's cells, or ``None`` when it can."""
-    if "+" in card.backbone:
-        return (f"its backbone {card.backbone} joins several networks' features; few-shot fine-tuning needs one "
-                "network (train with a single --backbone)")
-    if not card.backbone.startswith("efficientnet_lite"):
-        return f"few-shot fine-tuning knows EfficientNet-Lite backbones, not {card.backbone}"
-    return None
-
-
-def starting_network(card: ModelCard, model: nn.Module) -> nn.Module:
-    """The network a fine-tune starts from: a fine-tuned run's own, or ImageNet's for a frozen run."""
+def starting_network(card: ModelCard, model: nn.Module | None, run_dir: Path | None = None) -> nn.Module:
+    """The network a fine-tune starts from: a fine-tuned run's own; for a frozen run its few-shot start
+    (``train --few-shot-start``: white-cell features, checked against the card's sha256) when it has
+    one, else ImageNet's (a frozen run's backbone *is* ImageNet's)."""
     from hematovision.models import create_model
+    from hematovision.run import FEW_SHOT_START_FILE, load_weights
 
     if card.mode == "finetune":
+        assert model is not None, "a fine-tuned run starts from its own network"
         return copy.deepcopy(model)
+    if card.few_shot_start is not None and run_dir is not None:
+        network = create_model(card.backbone, num_classes=len(card.class_names), pretrained=False)
+        return load_weights(network, run_dir / FEW_SHOT_START_FILE,
+                            card.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))
     return create_model(card.backbone, num_classes=len(card.class_names), pretrained=True)
 
 
-def fine_tune(start: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, prep: Preprocessing,
-              settings: FineTuneSettings, seed: int, progress: str | None = None) -> nn.Module:
-    """Train a copy of ``start``'s last stages and a new head on prepared ``images`` (N, S, S, 3) uint8."""
-    from hematovision.data.stain import augment_stain
-
-    if len(images) == 0:
-        raise HematoVisionError("no labelled cells to fine-tune on")
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model = copy.deepcopy(start)
-    model.reset_classifier(num_classes)  # type: ignore[operator]
-    trainable = _trainable_modules(model, settings.stages)
-    for parameter in model.parameters():
-        parameter.requires_grad = False
-    parameters = [p for module in trainable for p in module.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad = True
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    weights *= (counts > 0).sum() / weights.sum()
-    loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, dtype=torch.float32),
-                                  label_smoothing=settings.label_smoothing)
-    model.eval()
-    for module in trainable:  # the frozen stages keep their batch-norm statistics; the trained ones learn theirs
-        module.train()
-    order = np.zeros(0, dtype=np.int64)
-    started = time.perf_counter()
-    for _ in tqdm(range(settings.steps), desc=progress or "fine-tuning", unit="step", leave=False,
-                  disable=progress is None):
-        if len(order) < settings.batch_size:
-            order = np.concatenate([order, rng.permutation(len(images))])
-        batch, order = order[: settings.batch_size], order[settings.batch_size :]
-        views = [augment_stain(images[i], rng) for i in batch]
-        inputs = normalize(np.stack(views), prep)
-        inputs = torch.stack([dihedral(x, int(rng.integers(0, 8))) for x in inputs])
-        loss = loss_fn(model(inputs), torch.as_tensor(labels[batch], dtype=torch.long))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    for parameter in model.parameters():
-        parameter.requires_grad = True
-    log.debug("fine-tuned on %d cells in %.0f s", len(images), time.perf_counter() - started)
-    return model.eval()
-
-
-def _trainable_modules(model: nn.Module, stages: int) -> list[nn.Module]:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or not 1 <= stages <= len(blocks):
-        raise HematoVisionError(f"cannot fine-tune the last {stages} stages of {type(model).__name__}")
-    head = [getattr(model, name) for name in ("conv_head", "bn2", "classifier") if hasattr(model, name)]
-    return [*blocks[-stages:], *head]
+def started_from(card: ModelCard, run_dir: Path | None = None) -> str:
+    """Where :func:`starting_network` starts, in words (the adapted run's card says it)."""
+    if card.mode == "finetune":
+        return "the source run's weights"
+    if card.few_shot_start is not None and run_dir is not None:
+        return ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on its "
+                "training cells)")
+    return "ImageNet weights (the frozen run's backbone)"

@@ -59,6 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "lobes, hue of nucleus and cytoplasm, graininess) and fit a small head on them, fused with "
                              "the network's on another lab's cells (evaluate's re-scoring, adapt --unlabelled): these "
                              "measurements move less between labs than the network's features (docs/labs.md)")
+    robust.add_argument("--few-shot-start", type=int, nargs="?", const=1000, default=0, metavar="STEPS",
+                        help="frozen mode: also fine-tune the backbone's last stages on the training split (STEPS "
+                             "steps, default 1000, ~12 min on 2 cores) and keep that network in the run folder: "
+                             "`adapt --data` then fine-tunes a new lab's cells from white-cell features instead of "
+                             "ImageNet's (docs/labs.md)")
     fit = train.add_argument_group(
         "fine-tuning", "data-parallel under torchrun: torchrun --nproc_per_node N -m hematovision train --mode finetune "
                        "... (gloo on CPU, nccl on GPU; rank 0 writes the run folder)")
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         classes=parse_classes(args.classes), group_csv=args.group_csv, seed=args.seed,
         head=args.head, tta=args.tta, resume=args.resume, stain_norm=args.stain_norm,
         augment_copies=args.augment_copies, augment_strength=args.augment_strength, cell_scale=args.cell_scale,
-        lab_standardise=args.lab_standardise, morphology=args.morphology,
+        lab_standardise=args.lab_standardise, morphology=args.morphology, few_shot_start=args.few_shot_start,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, balance=args.balance,
                                 augment=not args.no_augment, strong_augment=args.strong_augment,
                                 patience=args.patience, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch),
