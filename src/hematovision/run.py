@@ -255,12 +255,15 @@ class ModelCard:
         if not all(isinstance(getattr(self, name), str) for name in text_fields):
             raise bad(f"{', '.join(text_fields)} must be text")
         sha = self.weights_sha256
-        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        if sha is not None and not _is_sha256(sha):
             raise bad(f"files.{MODEL_FILE}.sha256 is not a sha256 digest")
-        if self.few_shot_start is not None:
-            start_sha = self.files.get(FEW_SHOT_START_FILE, {}).get("sha256")
-            if self.mode != "frozen" or not (isinstance(start_sha, str) and re.fullmatch(r"[0-9a-f]{64}", start_sha)):
-                raise bad(f"few_shot_start belongs to a frozen run whose files give {FEW_SHOT_START_FILE}'s sha256")
+        if self.few_shot_start is not None and (
+                self.mode != "frozen" or not _is_sha256(self.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))):
+            raise bad(f"few_shot_start belongs to a frozen run whose files give {FEW_SHOT_START_FILE}'s sha256")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
 def _preprocessing(data: Any) -> Preprocessing:

@@ -39,14 +39,14 @@ def test_training_keeps_a_start_network_fine_tuned_on_the_training_split(run_wit
     assert card.few_shot_start["trained_on"] == f"the training split ({train_cells} cells)"
     assert set(card.files) == {MODEL_FILE, FEW_SHOT_START_FILE}
 
-    start = ft.starting_network(card, None, run_with_start)
+    start, started_from = ft.starting_network(card, None, run_with_start)
     imagenet = create_model("efficientnet_lite0", num_classes=len(card.class_names), pretrained=True)
     last = len(imagenet.blocks) - 1
     assert not torch.equal(start.blocks[last][0].conv_pw.weight, imagenet.blocks[last][0].conv_pw.weight)
     assert torch.equal(start.conv_stem.weight, imagenet.conv_stem.weight)  # the early stages stay ImageNet's
-    assert "few-shot start" in ft.started_from(card, run_with_start)
+    assert "few-shot start" in started_from
     # Without the run folder (or without a start) the fine-tune starts from ImageNet, as before.
-    assert "ImageNet" in ft.started_from(card, None)
+    assert "ImageNet" in ft.starting_network(card, None, None)[1]
 
 
 def test_few_shot_start_needs_frozen_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

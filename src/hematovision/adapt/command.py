@@ -403,7 +403,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, source: Path,
         return None
     folds, how = fold_indices(labels, seed, folds=ft.FOLDS, leave_one_out_up_to=0)
     settings = ft.FineTuneSettings()
-    start = ft.starting_network(card, model, source)
+    start, started_from = ft.starting_network(card, model, source)
     num_classes = len(card.class_names)
     oof = np.zeros((len(labels), num_classes))
     fold_features = []  # (the fold's training cells, its held-out cells): the lab-shift threshold
@@ -442,7 +442,6 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, source: Path,
     shift = fit_reference_out_of_fold(features, fold_features, np.concatenate([labels[test] for _, test in folds]),
                                       seed=seed, labels=labels, fold_labels=[labels[train] for train, _ in folds])
     missing = "never predicted: the new head has not seen them" if missing_classes else ""
-    started_from = ft.started_from(card, source)
     adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "
                f"{started_from}, {settings.steps} steps with stain and optics augmentation"]
     choice_record = {"chosen": f"fine-tuned: the last {settings.stages} stages and a new head",
@@ -535,9 +534,12 @@ def _write_run(source: Path, out: Path, model: torch.nn.Module, card: ModelCard,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for name in (SPLIT_FILE, CONFIG_FILE, UNREADABLE_FILE, FEW_SHOT_START_FILE):
-            if (source / name).is_file() and (name != FEW_SHOT_START_FILE or card.few_shot_start is not None):
+        for name in (SPLIT_FILE, CONFIG_FILE, UNREADABLE_FILE):
+            if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        for name, entry in card.files.items():  # the source's files the new card keeps (a few-shot start)
+            check_weights(source / name, entry["sha256"])
+            shutil.copy2(source / name, tmp / name)
         save_weights(model.eval(), tmp / MODEL_FILE)
         write_card(tmp, card)
         policy: ReviewPolicy | None = result.get("policy")
@@ -552,8 +554,6 @@ def _write_run(source: Path, out: Path, model: torch.nn.Module, card: ModelCard,
                              f"{card.backbone} ({card.mode}) adapted — the lab's cells, out-of-fold",
                              {"run": str(out), "source run": str(source), "split": card.metrics.get("split", "")})
         load_run(tmp)  # the folder is complete and its weights match its card
-        if card.few_shot_start is not None:
-            check_weights(tmp / FEW_SHOT_START_FILE, card.files[FEW_SHOT_START_FILE]["sha256"])
         if out.exists():
             out.rmdir()  # empty (checked before)
         os.replace(tmp, out)

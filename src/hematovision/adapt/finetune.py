@@ -23,35 +23,29 @@ import torch.nn as nn
 from hematovision.run import ModelCard
 from hematovision.train.last_stages import STAGES, FineTuneSettings, can_finetune, fine_tune
 
-__all__ = ["FOLDS", "MIN_CELLS", "STAGES", "FineTuneSettings", "can_finetune", "fine_tune", "started_from",
-           "starting_network"]
+__all__ = ["FOLDS", "MIN_CELLS", "STAGES", "FineTuneSettings", "can_finetune", "fine_tune", "starting_network"]
 
 MIN_CELLS = 12  # fewer labelled cells cannot train four stages; the head-only candidates stay
 FOLDS = 3  # out-of-fold scoring costs a fit per fold: three, not the head's five
 
 
-def starting_network(card: ModelCard, model: nn.Module | None, run_dir: Path | None = None) -> nn.Module:
-    """The network a fine-tune starts from: a fine-tuned run's own; for a frozen run its few-shot start
-    (``train --few-shot-start``: white-cell features, checked against the card's sha256) when it has
-    one, else ImageNet's (a frozen run's backbone *is* ImageNet's)."""
+def starting_network(card: ModelCard, model: nn.Module | None, run_dir: Path | None = None) -> tuple[nn.Module, str]:
+    """The network a fine-tune starts from, and where it comes from in words (the adapted run's card says it).
+
+    A fine-tuned run's own network; for a frozen run its few-shot start (``train --few-shot-start``:
+    white-cell features, checked against the card's sha256) when it has one and ``run_dir`` is given,
+    else ImageNet's (a frozen run's backbone *is* ImageNet's).
+    """
     from hematovision.models import create_model
     from hematovision.run import FEW_SHOT_START_FILE, load_weights
 
     if card.mode == "finetune":
         assert model is not None, "a fine-tuned run starts from its own network"
-        return copy.deepcopy(model)
+        return copy.deepcopy(model), "the source run's weights"
     if card.few_shot_start is not None and run_dir is not None:
         network = create_model(card.backbone, num_classes=len(card.class_names), pretrained=False)
-        return load_weights(network, run_dir / FEW_SHOT_START_FILE,
-                            card.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))
-    return create_model(card.backbone, num_classes=len(card.class_names), pretrained=True)
-
-
-def started_from(card: ModelCard, run_dir: Path | None = None) -> str:
-    """Where :func:`starting_network` starts, in words (the adapted run's card says it)."""
-    if card.mode == "finetune":
-        return "the source run's weights"
-    if card.few_shot_start is not None and run_dir is not None:
-        return ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on its "
-                "training cells)")
-    return "ImageNet weights (the frozen run's backbone)"
+        load_weights(network, run_dir / FEW_SHOT_START_FILE, card.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))
+        return network, ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on "
+                         "its training cells)")
+    imagenet = create_model(card.backbone, num_classes=len(card.class_names), pretrained=True)
+    return imagenet, "ImageNet weights (the frozen run's backbone)"
