@@ -45,8 +45,11 @@ def test_training_keeps_a_start_network_fine_tuned_on_the_training_split(run_wit
     assert not torch.equal(start.blocks[last][0].conv_pw.weight, imagenet.blocks[last][0].conv_pw.weight)
     assert torch.equal(start.conv_stem.weight, imagenet.conv_stem.weight)  # the early stages stay ImageNet's
     assert "few-shot start" in started_from
+    # Ready to score cells: batch norm on its running statistics, not on each batch's own.
+    assert not any(module.training for module in start.modules())
     # Without the run folder (or without a start) the fine-tune starts from ImageNet, as before.
-    assert "ImageNet" in ft.starting_network(card, None, None)[1]
+    imagenet_start, words = ft.starting_network(card, None, None)
+    assert "ImageNet" in words and not imagenet_start.training
 
 
 def test_few_shot_start_needs_frozen_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

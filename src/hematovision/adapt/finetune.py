@@ -34,18 +34,19 @@ def starting_network(card: ModelCard, model: nn.Module | None, run_dir: Path | N
 
     A fine-tuned run's own network; for a frozen run its few-shot start (``train --few-shot-start``:
     white-cell features, checked against the card's sha256) when it has one and ``run_dir`` is given,
-    else ImageNet's (a frozen run's backbone *is* ImageNet's).
+    else ImageNet's (a frozen run's backbone *is* ImageNet's). In eval mode, like any loaded network: its
+    batch-norm layers use their running statistics until a fine-tune says otherwise.
     """
     from hematovision.models import create_model
     from hematovision.run import FEW_SHOT_START_FILE, load_weights
 
     if card.mode == "finetune":
         assert model is not None, "a fine-tuned run starts from its own network"
-        return copy.deepcopy(model), "the source run's weights"
+        return copy.deepcopy(model).eval(), "the source run's weights"
     if card.few_shot_start is not None and run_dir is not None:
         network = create_model(card.backbone, num_classes=len(card.class_names), pretrained=False)
         load_weights(network, run_dir / FEW_SHOT_START_FILE, card.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))
-        return network, ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on "
+        return network.eval(), ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on "
                          "its training cells)")
     imagenet = create_model(card.backbone, num_classes=len(card.class_names), pretrained=True)
-    return imagenet, "ImageNet weights (the frozen run's backbone)"
+    return imagenet.eval(), "ImageNet weights (the frozen run's backbone)"
