@@ -46,7 +46,7 @@ def starting_network(card: ModelCard, model: nn.Module | None, run_dir: Path | N
     if card.few_shot_start is not None and run_dir is not None:
         network = create_model(card.backbone, num_classes=len(card.class_names), pretrained=False)
         load_weights(network, run_dir / FEW_SHOT_START_FILE, card.files.get(FEW_SHOT_START_FILE, {}).get("sha256"))
-        return network.eval(), ("the source run's few-shot start (ImageNet weights whose last stages were fine-tuned on "
-                         "its training cells)")
+        return network.eval(), ("the source run's few-shot start (ImageNet weights whose last stages were "
+                                "fine-tuned on its training cells)")
     imagenet = create_model(card.backbone, num_classes=len(card.class_names), pretrained=True)
     return imagenet.eval(), "ImageNet weights (the frozen run's backbone)"
