@@ -119,12 +119,13 @@ def test_a_winning_fine_tune_is_the_run_written(frozen_lite0: Path, lab_cells: P
     command.adapt_run(frozen_lite0, out, data=lab_cells)
     card, model = load_run(out)
     assert card.mode == "finetune" and card.frozen is None
+    assert card.tta == ft.VIEWS == 8  # the fine-tuned network scores every cell on its dihedral views
     assert card.finetune["few_shot"]["steps"] == QUICK.steps
     assert "ImageNet" in card.finetune["few_shot"]["started_from"]
     assert "fine-tuned" in card.adaptation["adapted"][0] and "fine-tuned" in card.adaptation["choice"]["chosen"]
     assert card.metrics["split"].startswith("the lab's labelled cells, out-of-fold (stratified 3-fold")
     policy = json.loads((out / "serving.json").read_text())
-    assert policy["source_sha256"] == card.weights_sha256
+    assert policy["source_sha256"] == card.weights_sha256 and policy["views"] == ft.VIEWS
     # Its own lab-shift reference (the frozen source's does not apply to the new features), its threshold
     # from the folds' held-out cells: the run now belongs to the lab, and the source lab's cells warn.
     assert card.shift is not None and "3 cross-validation folds (24 held-out cells" in card.shift["calibrated_on"]

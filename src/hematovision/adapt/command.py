@@ -410,7 +410,7 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, source: Path,
     for number, (train, test) in enumerate(folds, 1):
         tuned = ft.fine_tune(start, images[train], labels[train], num_classes, card.preprocessing, settings,
                              seed + number, progress=f"fine-tuning, fold {number}/{len(folds)}")
-        logits, fold_outputs = norm.final_outputs(tuned, images, card.preprocessing, card.tta)  # one pass, both parts
+        logits, fold_outputs = norm.final_outputs(tuned, images, card.preprocessing, ft.VIEWS)  # one pass, both parts
         oof[test] = logits[test]
         fold_features.append((fold_outputs[train], fold_outputs[test]))
     # Only classes with a labelled cell in every fold's training part are compared: a new head cannot
@@ -438,16 +438,18 @@ def _fine_tune_if_it_pays(card: ModelCard, model: torch.nn.Module, source: Path,
         return None
     tuned = ft.fine_tune(start, images, labels, num_classes, card.preprocessing, settings, seed,
                          progress="fine-tuning on all cells")
-    features = norm.final_outputs(tuned, images, card.preprocessing, card.tta)[1]
+    features = norm.final_outputs(tuned, images, card.preprocessing, ft.VIEWS)[1]
     shift = fit_reference_out_of_fold(features, fold_features, np.concatenate([labels[test] for _, test in folds]),
                                       seed=seed, labels=labels, fold_labels=[labels[train] for train, _ in folds])
     missing = "never predicted: the new head has not seen them" if missing_classes else ""
     adapted = [f"the backbone's last {settings.stages} stages and a new head fine-tuned on the lab's cells, from "
-               f"{started_from}, {settings.steps} steps with stain and optics augmentation"]
+               f"{started_from}, {settings.steps} steps with stain and optics augmentation; it scores each cell "
+               f"on its {ft.VIEWS} dihedral views averaged"]
     choice_record = {"chosen": f"fine-tuned: the last {settings.stages} stages and a new head",
                      "norm": "fine-tuned", "anchor": None, "prior": None, "folds": how,
                      "candidates": choice.candidates}
     changes = {"mode": "finetune", "frozen": None, "shift": shift, "pretrained": True, "few_shot_start": None,
+               "tta": ft.VIEWS,
                "finetune": {"few_shot": {**asdict(settings), "started_from": started_from}},
                "weights": f"{card.weights or card.backbone}; then fine-tuned on a lab's labelled cells (adapt)"}
     return tuned, adapted, choice_record, oof, features, missing, changes
